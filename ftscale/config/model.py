@@ -1,0 +1,24 @@
+"""`model:` which base model to load and how."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from ftscale.config.base import Section
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        ".cache/ftscale/models/SmolLM2-135M-Instruct",
+        description="Hugging Face model folder (or hub name where a hub is reachable); `ftscale import-gguf` makes the default.",
+    )
+    dtype: DType = Field("float32", description="dtype the frozen base weights are loaded in (ignored for the 4-bit QLoRA base).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; packing uses its variable-length path (block-diagonal mask or flash varlen)."
+    )
+    chat_template: Literal["auto", "tokenizer", "chatml"] = Field(
+        "auto", description="auto: the tokenizer's template, or ChatML when it has none; chatml: always ChatML."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder (only for models you trust).")

@@ -1,0 +1,38 @@
+"""`training:` the optimisation loop."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ftscale.config.base import Section
+
+
+class TrainingConfig(Section):
+    output_dir: str = Field("runs/default", description="Where adapters, checkpoints and logs of this run go.")
+    seed: int = Field(42, description="Seed for initialisation, dropout and data order.")
+    epochs: int = Field(1, gt=0, description="Passes over the training data (max_steps, when set, wins).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(1, gt=0, description="Rows per forward pass per process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="AdamW kernel: auto picks fused where the device supports it, else foreach."
+    )
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: float = Field(0, ge=0, description="Warmup length: steps if >= 1, a fraction of the total steps if < 1.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null disables).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision of forward/backward.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    log_every: int = Field(1, gt=0, description="Optimizer steps between console/W&B log lines.")
+    eval_every: int | None = Field(None, gt=0, description="Optimizer steps between held-out evaluations (null: only at start and end).")
+
+    @model_validator(mode="after")
+    def _warmup_fraction(self):
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ValueError("training.warmup_steps must be a whole number of steps (>= 1) or a fraction below 1")
+        return self

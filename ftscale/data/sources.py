@@ -1,0 +1,85 @@
+"""Read raw rows from files, `datasets` folders or the hub, each tagged with where it came from."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftscale.config.data import DataSource
+
+
+class DataError(ValueError):
+    """Unusable data; the message names the file and line (or row) and what is wrong."""
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    where: str  # "file.jsonl:12" or "folder[row 3]": shown in every error about this row
+    row: Any
+
+
+def _jsonl(path: Path) -> Iterator[SourceRow]:
+    # Read by hand rather than through `datasets`: a bad line must be reported with its line number.
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield SourceRow(f"{path}:{n}", json.loads(line))
+            except json.JSONDecodeError as e:
+                yield SourceRow(f"{path}:{n}", DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})"))
+
+
+def _json(path: Path) -> Iterator[SourceRow]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json source must hold a list of objects") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        doc = doc["data"]
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: a .json source must hold a list of row objects (or {{\"data\": [...]}})")
+    for i, row in enumerate(doc):
+        yield SourceRow(f"{path}[item {i}]", row)
+
+
+def _table(dataset, label: str, first_line: int | None = None) -> Iterator[SourceRow]:
+    for i, row in enumerate(dataset):
+        yield SourceRow(f"{label}:{i + first_line}" if first_line else f"{label}[row {i}]", row)
+
+
+def read_rows(source: DataSource) -> Iterator[SourceRow]:
+    """Rows of one source in file order. Errors of single rows are yielded as `DataError` rows so that the
+    caller decides (raise or skip); errors about the whole source are raised."""
+    import datasets
+
+    path = Path(source.path)
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix == ".jsonl":
+            yield from _jsonl(path)
+        elif suffix == ".json":
+            yield from _json(path)
+        elif suffix == ".parquet":
+            yield from _table(datasets.Dataset.from_parquet(str(path)), str(path))
+        elif suffix == ".csv":
+            yield from _table(datasets.Dataset.from_csv(str(path)), str(path), first_line=2)  # line 1 is the header
+        else:
+            raise DataError(f"{path}: unsupported file type '{suffix}': use .jsonl, .json, .parquet or .csv")
+    elif path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise DataError(f"{path}: has no split '{source.split}' (it has {', '.join(loaded)}); set split: in the source")
+            loaded = loaded[source.split]
+        yield from _table(loaded, str(path))
+    elif suffix in (".jsonl", ".json", ".parquet", ".csv") or path.parent != Path("."):
+        raise DataError(f"{path}: no such file or folder")
+    else:  # a hub dataset name such as "org/name"
+        yield from _table(datasets.load_dataset(source.path, split=source.split), source.path)

@@ -1,0 +1,38 @@
+"""Attach, save and load the trainable part of every method behind one interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ftscale.config import FtscaleConfig
+from ftscale.methods.bottleneck import BottleneckModel, is_bottleneck_adapter, load_bottleneck
+from ftscale.methods.peft_methods import peft_config
+
+
+def attach_adapter(model: nn.Module, cfg: FtscaleConfig) -> nn.Module:
+    """Freeze `model` and add the trainable parameters of `cfg.method`."""
+    if cfg.method.name == "bottleneck":
+        return BottleneckModel(model, cfg.method.bottleneck)
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(cfg.method, cfg.model.path))
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
+    """Write only the adapter: peft's own format for peft methods (so `PeftModel.from_pretrained` loads it)."""
+    model.save_pretrained(str(out_dir))
+
+
+def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
+    if is_bottleneck_adapter(adapter_dir):
+        return load_bottleneck(base, adapter_dir)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

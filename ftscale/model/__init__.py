@@ -1,0 +1,1 @@
+"""Loading base models and tokenizers, and importing the bundled GGUF model."""

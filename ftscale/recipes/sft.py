@@ -1,0 +1,223 @@
+"""The supervised fine-tuning recipe: one training script for every method and every backend.
+
+Shape (as torchtune's recipes): setup() -> _setup_data(), _setup_model(), _setup_optimizer(); then train(),
+evaluate(), save_adapter(), cleanup(); `recipe_main(cfg)` runs them. Accelerate supplies the process group and the
+backend (single process, DDP, FSDP2, DeepSpeed) chosen by `accelerate launch --config_file`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+
+from ftscale.config import ConfigError, FtscaleConfig, render_config
+from ftscale.data import build_rows, collate
+from ftscale.methods import attach_adapter, save_adapter, trainable_parameter_count
+from ftscale.model.loading import load_base_model, load_tokenizer
+from ftscale.training.metrics import MetricLogger
+from ftscale.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("ftscale")
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class SFTRecipe:
+    def __init__(self, cfg: FtscaleConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.training.output_dir)
+        self.history: list[dict[str, float]] = []
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.training.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        self.accelerator = Accelerator(
+            mixed_precision=MIXED_PRECISION[cfg.training.precision],
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.collective_timeout_s))],
+        )
+        logging.basicConfig(
+            level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
+            format=f"%(asctime)s [rank {self.accelerator.process_index}] %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        set_seed(cfg.training.seed)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self.metrics = MetricLogger(cfg, self.accelerator.is_main_process, self.total_steps)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer, self.added_tokens = load_tokenizer(cfg.model)
+        self.train_rows, self.train_stats = build_rows(cfg.data.train, cfg.data, self.tokenizer, "training")
+        self.eval_rows = build_rows(cfg.data.eval, cfg.data, self.tokenizer, "eval")[0] if cfg.data.eval else []
+        t = cfg.training
+        self.rows_per_step = t.micro_batch_size * self.accelerator.num_processes * t.gradient_accumulation_steps
+        self.steps_per_epoch = len(self.train_rows) // self.rows_per_step
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"{len(self.train_rows)} training rows cannot fill one optimizer step of {self.rows_per_step} rows "
+                "(micro_batch_size x processes x gradient_accumulation_steps): lower those or add data"
+            )
+        self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
+        s = self.train_stats
+        log.info(
+            "data: %d examples -> %d rows (packing=%s), %d tokens, %d with loss; skipped %d, truncated %d, dropped %d",
+            s.examples, len(self.train_rows), cfg.data.packing, s.tokens, s.loss_tokens, s.skipped, s.truncated, s.dropped,
+        )
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        vocab = len(self.tokenizer) if self.added_tokens else None
+        model = load_base_model(cfg, self.accelerator.device, vocab_size=vocab)
+        model = attach_adapter(model, cfg)
+        if cfg.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainable, total = trainable_parameter_count(model)
+        log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
+        self.model = model
+
+    def _setup_optimizer(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, self.cfg.training, self.accelerator.device)
+        # The scheduler stays outside accelerate.prepare: it is stepped exactly once per optimizer step.
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.scheduler = build_scheduler(optimizer, self.cfg.training, self.total_steps)
+
+    # ---- data order --------------------------------------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for optimizer step `step`.
+
+        The global order is a seeded permutation per epoch; micro-batch k of a step is a contiguous slice of it,
+        split by rank. So N processes with batch B see exactly the rows one process with batch N*B sees."""
+        t, acc = self.cfg.training, self.accelerator
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
+        batches = []
+        for k in range(t.gradient_accumulation_steps):
+            start = (index * t.gradient_accumulation_steps + k) * t.micro_batch_size * acc.num_processes
+            start += acc.process_index * t.micro_batch_size
+            rows = [self.train_rows[i] for i in order[start : start + t.micro_batch_size]]
+            batches.append(collate(rows, self.tokenizer.pad_token_id, self.cfg.data.packing))
+        return batches
+
+    # ---- loop --------------------------------------------------------------------------------------------------
+    def _global_sum(self, value: float) -> float:
+        t = torch.tensor(float(value), device=self.accelerator.device, dtype=torch.float64)
+        return self.accelerator.reduce(t, reduction="sum").item()
+
+    def train(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.eval_loss_before = self.evaluate()
+        self.model.train()
+        tokens_seen, t0 = 0, time.monotonic()
+        for step in range(self.total_steps):
+            batches = self._micro_batches(step)
+            counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+            # Normalise by the loss tokens of the whole optimizer step on all ranks, so the gradient is the same
+            # however the step is split into micro-batches and processes (DDP averages over processes).
+            step_tokens = self._global_sum(sum(counts))
+            loss_sum = 0.0
+            for k, (batch, count) in enumerate(zip(batches, counts)):
+                sync = k == len(batches) - 1
+                with nullcontext() if sync else acc.no_sync(self.model):
+                    out = self.model(**{n: v.to(acc.device) for n, v in batch.items()}, use_cache=False)
+                    acc.backward(out.loss * (count * acc.num_processes / step_tokens))
+                loss_sum += out.loss.detach().item() * count
+                tokens_seen += batch["input_ids"].numel()
+            grad_norm = None
+            if cfg.training.max_grad_norm is not None:
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.training.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._global_sum(loss_sum) / step_tokens
+            record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                record["train/grad_norm"] = float(grad_norm)
+            record["train/tokens_per_s"] = self._global_sum(tokens_seen) / (time.monotonic() - t0)
+            self.history.append({"step": step + 1, **record})
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
+            done = step + 1 == self.total_steps
+            if cfg.training.eval_every and (step + 1) % cfg.training.eval_every == 0 and not done:
+                record["eval/loss"] = self.evaluate()
+                self.model.train()
+            if (step + 1) % cfg.training.log_every == 0 or done:
+                self.metrics.log(step + 1, record)
+        self.eval_loss_after = self.evaluate()
+        self.metrics.log(self.total_steps, {"eval/loss": self.eval_loss_after})
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted held-out loss over all ranks (None without eval data)."""
+        if not self.eval_rows:
+            return None
+        acc, mb = self.accelerator, self.cfg.training.micro_batch_size
+        self.model.eval()
+        shard = self.eval_rows[acc.process_index :: acc.num_processes]
+        # Every rank runs the same number of forwards (sharded backends need it); short shards repeat a row at weight 0.
+        n_batches = math.ceil(math.ceil(len(self.eval_rows) / acc.num_processes) / mb)
+        loss_sum = count_sum = 0.0
+        for i in range(n_batches):
+            rows = shard[i * mb : (i + 1) * mb]
+            weight = 1.0 if rows else 0.0
+            batch = collate(rows or self.eval_rows[:1], self.tokenizer.pad_token_id, self.cfg.data.packing)
+            out = self.model(**{n: v.to(acc.device) for n, v in batch.items()}, use_cache=False)
+            count = int((batch["labels"][:, 1:] != -100).sum()) * weight
+            loss_sum += out.loss.item() * count
+            count_sum += count
+        return self._global_sum(loss_sum) / self._global_sum(count_sum)
+
+    # ---- outputs -----------------------------------------------------------------------------------------------
+    def save_adapter(self) -> Path:
+        out = self.out / "adapter"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_adapter(self.accelerator.unwrap_model(self.model), out)
+            self.tokenizer.save_pretrained(out)
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def write_summary(self) -> dict:
+        s = self.train_stats
+        summary = {
+            "method": self.cfg.method.name,
+            "steps": self.total_steps,
+            "eval_loss_before": self.eval_loss_before,
+            "eval_loss_after": self.eval_loss_after,
+            "final_train_loss": self.history[-1]["train/loss"],
+            "tokens_per_s": self.history[-1]["train/tokens_per_s"],
+            "data": {"examples": s.examples, "rows": len(self.train_rows), "skipped": s.skipped, "truncated": s.truncated, "dropped": s.dropped},
+            "history": self.history,
+        }
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.out / "config.yaml").write_text(render_config(self.cfg))
+        self.metrics.finish({k: v for k, v in summary.items() if isinstance(v, float)})
+        return summary
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+
+def recipe_main(cfg: FtscaleConfig) -> dict:
+    recipe = SFTRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    if cfg.checkpoint.save_final_adapter:
+        recipe.save_adapter()
+    summary = recipe.write_summary()
+    recipe.cleanup()
+    return summary

@@ -1,0 +1,1 @@
+"""Training components the recipes compose: optimizer, schedule, metric logging."""

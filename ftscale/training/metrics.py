@@ -1,0 +1,47 @@
+"""Progress on the console and metrics to Weights & Biases, from the main process only."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ftscale.config import FtscaleConfig
+
+log = logging.getLogger("ftscale")
+
+
+class MetricLogger:
+    def __init__(self, cfg: FtscaleConfig, is_main: bool, total_steps: int):
+        self.cfg, self.is_main, self.total = cfg, is_main, total_steps
+        self.start = time.monotonic()
+        self.run = None
+        wb = cfg.logging.wandb
+        if is_main and wb.mode != "disabled":
+            import wandb
+
+            out = Path(wb.dir or cfg.training.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=wb.project,
+                name=wb.run_name or Path(cfg.training.output_dir).name,
+                dir=str(out),
+                mode=wb.mode,
+                config=cfg.model_dump(mode="json"),
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        if self.cfg.logging.console:
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / max(step, 1) * (self.total - step)
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            log.info("step %d/%d  %s  elapsed=%ds eta=%ds", step, self.total, shown, elapsed, eta)
+
+    def finish(self, summary: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.summary.update(summary)
+            self.run.finish()
