@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
@@ -45,21 +46,25 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
-    """Set each `a.b.c=value` into the nested dict (values are parsed as YAML); return the overridden key paths."""
+    """Set each `a.b.c=value` into the nested dict (values are parsed as YAML); return the overridden key paths.
+    A path through a key the file does not set starts from that key's default (so `data.train.0.path=x` works)."""
     touched = set()
     for item in overrides:
         keys, value = _parse_override(item)
         node: Any = raw
+        default: Any = FtscaleConfig().model_dump(mode="json")
         for k, nxt in zip(keys, keys[1:] + [None]):
             if isinstance(node, list):  # `data.train.0.path=x` indexes into a list of sources
                 if not k.isdigit() or int(k) >= len(node):
                     raise ConfigError(f"override {item!r}: '{k}' is not an index of the {len(node)}-item list before it")
                 k = int(k)
+            has = k < len(default) if isinstance(default, list) and isinstance(k, int) else isinstance(default, dict) and k in default
+            default = default[k] if has else None
             if nxt is None:
                 node[k] = value
             else:
                 if not isinstance(node[k] if isinstance(node, list) else node.get(k), (dict, list)):
-                    node[k] = {}
+                    node[k] = copy.deepcopy(default) if isinstance(default, (dict, list)) else {}
                 node = node[k]
         touched.add(".".join(keys))
     return touched
@@ -90,7 +95,9 @@ def _describe(err: dict, source: str, lines: dict[str, int], overridden: set[str
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc)
         valid = list(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        typed = str(loc[-1])
+        # Close spelling first, then a shared prefix (`rank` -> `r`, `lr` -> `learning_rate` is out of reach).
+        close = difflib.get_close_matches(typed, valid, n=1) or [v for v in valid if typed.startswith(v) or v.startswith(typed)][:1]
         hint = f"did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else f"valid keys here: {', '.join(valid)}"
         return f"{where}: unknown key '{key}': {hint}"
     if not key:  # a cross-section check

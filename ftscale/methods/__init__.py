@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
@@ -20,9 +21,12 @@ def attach_adapter(model: nn.Module, cfg: FtscaleConfig) -> nn.Module:
     return get_peft_model(model, peft_config(cfg.method, cfg.model.path))
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
-    """Write only the adapter: peft's own format for peft methods (so `PeftModel.from_pretrained` loads it)."""
+def save_adapter(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig) -> None:
+    """Write only the adapter: peft's own format for peft methods (so `PeftModel.from_pretrained` loads it), plus
+    `ftscale_adapter.json` recording the method and whether the base was quantised (the merge reports it)."""
     model.save_pretrained(str(out_dir))
+    meta = {"method": cfg.method.name, "base_model": cfg.model.path, "quantized_base": cfg.method.name == "qlora"}
+    (Path(out_dir) / "ftscale_adapter.json").write_text(json.dumps(meta, indent=2))
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:

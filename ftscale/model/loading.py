@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from ftscale.config import FtscaleConfig
 from ftscale.config.model import ModelConfig
 from ftscale.data import ensure_chat_template
+from ftscale.model.bnb_cpu import disable_cpu_weight_repacking
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
@@ -53,6 +54,8 @@ def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | 
     model.config.use_cache = False
     if quant is not None:
         from peft import prepare_model_for_kbit_training
+
+        disable_cpu_weight_repacking(model)
 
         # Casts the remaining non-quantised parameters (norms, embeddings) to fp32 for stable training.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)

@@ -184,7 +184,7 @@ class SFTRecipe:
         out = self.out / "adapter"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_adapter(self.accelerator.unwrap_model(self.model), out)
+            save_adapter(self.accelerator.unwrap_model(self.model), out, self.cfg)
             self.tokenizer.save_pretrained(out)
         self.accelerator.wait_for_everyone()
         return out

@@ -1,0 +1,1 @@
+"""Evaluation of tuned models against their base."""

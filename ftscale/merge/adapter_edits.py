@@ -1,0 +1,149 @@
+"""Read a peft adapter and describe, per base tensor, how merging changes it (LoRA, DoRA, IA3, replaced modules,
+trainable token rows). Every edit works on fp32 values of one tensor."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ftscale.methods.bottleneck import is_bottleneck_adapter
+from ftscale.merge.safetensors_stream import read_header, read_tensor
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+PREFIX = "base_model.model."
+NOT_MERGEABLE = {
+    "PROMPT_TUNING": "prompt tuning",
+    "PREFIX_TUNING": "prefix tuning",
+    "P_TUNING": "P-tuning",
+}
+
+
+class MergeError(ValueError):
+    """The adapter cannot be merged into this base; the message says why and what to do instead."""
+
+
+@dataclass
+class AdapterEdits:
+    peft_type: str
+    edits: dict[str, list[Edit]] = field(default_factory=lambda: defaultdict(list))  # base tensor name -> edits
+    expected_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base tensor name -> shape it must have
+    quantized_base: bool = False
+
+
+def _pattern_value(name: str, pattern: dict, default):
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+            return value
+    return default
+
+
+def _load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.is_file():
+        infos, _ = read_header(st)
+        return {name: read_tensor(info).float() for name, info in infos.items()}
+    pt = adapter_dir / "adapter_model.bin"
+    if pt.is_file():
+        return {k: v.float() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()}
+    raise MergeError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
+
+
+def _lora_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -> None:
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        m = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)$", key)
+        if m:
+            modules[m.group(1)][m.group(2)] = value
+    fan_in_fan_out = cfg.get("fan_in_fan_out", False)
+    for module, parts in modules.items():
+        r = _pattern_value(module, cfg.get("rank_pattern") or {}, cfg["r"])
+        alpha = _pattern_value(module, cfg.get("alpha_pattern") or {}, cfg["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if "lora_embedding_A" in parts:  # an adapted embedding: delta is (B @ A)^T, shape [vocab, dim]
+            delta = (parts["lora_embedding_B"] @ parts["lora_embedding_A"]).T * scaling
+        else:
+            delta = parts["lora_B.weight"] @ parts["lora_A.weight"] * scaling
+            if fan_in_fan_out:
+                delta = delta.T
+        name = f"{module}.weight"
+        out.expected_shapes[name] = tuple(delta.shape)
+        magnitude = parts.get("lora_magnitude_vector")
+        if magnitude is None:
+            out.edits[name].append(lambda w, d=delta: w + d)
+        else:  # DoRA: rescale each output row of W + dW to the learned magnitude
+            def dora(w, d=delta, m=magnitude):
+                merged = w + d
+                rows = merged.T if fan_in_fan_out else merged
+                factor = (m / torch.linalg.norm(rows, dim=1)).view(-1, 1)
+                return (factor * rows).T if fan_in_fan_out else factor * rows
+
+            out.edits[name].append(dora)
+        if "lora_B.bias" in parts:
+            out.edits[f"{module}.bias"].append(lambda b, d=parts["lora_B.bias"] * scaling: b + d)
+
+
+def _ia3_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -> None:
+    fan_in_fan_out = cfg.get("fan_in_fan_out", False)
+    for key, scale in tensors.items():
+        if not key.endswith(".ia3_l"):
+            continue
+        module = key.removesuffix(".ia3_l")
+        # Feed-forward layers scale their input, ia3_l (1, in); others scale their output (and bias), ia3_l (out, 1).
+        ff = cfg.get("feedforward_modules") or []
+        is_ff = bool(re.fullmatch(ff, module)) if isinstance(ff, str) else any(module.endswith(k) for k in ff)
+        s = scale.T if fan_in_fan_out else scale
+        out.edits[f"{module}.weight"].append(lambda w, s=s: w * s)
+        if not is_ff:
+            out.edits[f"{module}.bias"].append(lambda b, s=scale: b * s.reshape(b.shape))
+
+
+def _full_tensor_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -> None:
+    """modules_to_save (whole tensors replaced) and trainable token rows."""
+    indices = cfg.get("trainable_token_indices")
+    for key, value in tensors.items():
+        if key.endswith(".token_adapter.trainable_tokens_delta"):
+            module = key.removesuffix(".token_adapter.trainable_tokens_delta")
+            idx = indices if isinstance(indices, list) else _pattern_value(module, indices or {}, None)
+            if idx is None:
+                raise MergeError(f"trainable tokens for {module} have no indices in adapter_config.json")
+            index = torch.tensor(idx)
+            out.edits[f"{module}.weight"].append(lambda w, i=index, v=value: w.index_copy(0, i, v))
+        elif not re.search(r"\.(lora_\w+|ia3_l)(\.weight|\.bias)?$", key):
+            out.expected_shapes[key] = tuple(value.shape)
+            out.edits[key].append(lambda _w, v=value: v)
+
+
+def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
+    adapter_dir = Path(adapter_dir)
+    if is_bottleneck_adapter(adapter_dir):
+        raise MergeError(
+            f"{adapter_dir} holds bottleneck adapters, which add new layers rather than changing weights, so they "
+            "cannot be merged. Serve them with the base: ftscale.methods.load_adapter(base_model, adapter_dir)."
+        )
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise MergeError(f"{adapter_dir}: no adapter_config.json: not a peft adapter folder")
+    cfg = json.loads(cfg_path.read_text())
+    peft_type = cfg.get("peft_type", "")
+    if peft_type in NOT_MERGEABLE:
+        raise MergeError(
+            f"{adapter_dir} is a {NOT_MERGEABLE[peft_type]} adapter: it learns virtual tokens fed with every input, not "
+            "a weight change, so there is nothing to merge. Serve it as base + adapter: "
+            "peft.PeftModel.from_pretrained(base_model, adapter_dir)."
+        )
+    if peft_type not in ("LORA", "IA3"):
+        raise MergeError(f"{adapter_dir}: peft_type {peft_type!r} is not supported by the streaming merge (LORA, IA3 are)")
+    tensors = {k.removeprefix(PREFIX): v for k, v in _load_adapter_tensors(adapter_dir).items()}
+    out = AdapterEdits(peft_type)
+    (_lora_edits if peft_type == "LORA" else _ia3_edits)(cfg, tensors, out)
+    _full_tensor_edits(cfg, tensors, out)
+    meta = adapter_dir / "ftscale_adapter.json"
+    out.quantized_base = meta.is_file() and json.loads(meta.read_text()).get("quantized_base", False)
+    return out

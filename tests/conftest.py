@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny tokenizer and tiny random Llama built in the test session, and small datasets.
+
+Nothing here touches a hub. The tiny model is saved to disk and loaded back the way users load models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = REPO / ".cache/ftscale/models/SmolLM2-135M-Instruct"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def demo_rows(n: int, split: str = "train") -> list[dict]:
+    lines = (REPO / f"data/demo/{split}.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def build_tokenizer(with_chatml_tokens: bool = True):
+    """A byte-level BPE tokenizer trained on the demo data, with no chat template (ftscale adds ChatML)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if with_chatml_tokens else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [m["content"] for r in demo_rows(400) for m in r["messages"]] + ["user assistant system \n"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def build_tiny_model(vocab_size: int, tie: bool = True, seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny random Llama (tied embeddings) with its tokenizer, saved as a normal model folder."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(len(tiny_tokenizer)).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("data")
+    return {"train": write_jsonl(out / "train.jsonl", demo_rows(48)), "eval": write_jsonl(out / "eval.jsonl", demo_rows(8, "eval"))}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process recipe builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, **extra) -> list[str]:
+    """Overrides that turn the default recipe into a fast tiny-model run."""
+    values = {
+        "model.path": str(model_dir),
+        "data.train": f"[{{path: {data['train']}}}]",
+        "data.eval": f"[{{path: {data['eval']}}}]",
+        "data.max_seq_len": 256,
+        "training.output_dir": str(out),
+        "training.max_steps": 6,
+        "training.micro_batch_size": 2,
+        "training.learning_rate": 5e-3,
+        "training.warmup_steps": 0,
+        "training.scheduler": "constant",
+        "logging.console": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

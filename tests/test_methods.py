@@ -1,0 +1,156 @@
+"""Every method through the one recipe: it learns, only adapter weights change, and the saved adapter reloads
+to the same logits (through peft itself for peft methods)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftscale.config import PROMPT_METHODS, load_config
+from ftscale.data import collate
+from ftscale.methods import load_adapter
+from ftscale.model.loading import load_base_model
+from ftscale.recipes.sft import SFTRecipe
+
+from conftest import REPO, tiny_overrides
+
+METHOD_SETTINGS = {
+    "lora": {},
+    "qlora": {},
+    "dora": {},
+    "ia3": {"training.learning_rate": 3e-2},
+    "prompt_tuning": {"data.packing": False, "training.learning_rate": 3e-2},
+    "prefix_tuning": {"data.packing": False, "training.learning_rate": 1e-2},
+    "p_tuning": {"data.packing": False, "training.learning_rate": 1e-2},
+    "bottleneck": {},
+}
+
+
+def run_recipe(model_dir, data, out, **extra) -> SFTRecipe:
+    recipe = SFTRecipe(load_config(None, tiny_overrides(model_dir, data, out, **extra)))
+    recipe.setup()
+    return recipe
+
+
+def logits(model, rows, packed: bool) -> torch.Tensor:
+    batch = collate(rows, 0, packed)
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_method_learns_keeps_base_frozen_and_reloads(method, tiny_model_dir, tiny_data, tmp_path):
+    recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"method.name": method, **METHOD_SETTINGS[method]})
+    frozen = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    assert frozen and trainable
+
+    recipe.train()
+    adapter_dir = recipe.save_adapter()
+
+    assert recipe.eval_loss_after < recipe.eval_loss_before, (recipe.eval_loss_before, recipe.eval_loss_after)
+    for name, before in frozen.items():
+        assert torch.equal(before, dict(recipe.model.named_parameters())[name]), f"frozen {name} changed"
+    assert any(not torch.equal(v, dict(recipe.model.named_parameters())[n]) for n, v in trainable.items())
+
+    # Only the adapter is on disk, never the base.
+    files = {p.name for p in adapter_dir.iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert json.loads((adapter_dir / "ftscale_adapter.json").read_text())["method"] == method
+
+    rows = recipe.eval_rows[:2]
+    expected = logits(recipe.model, rows, recipe.cfg.data.packing)
+    base = load_base_model(recipe.cfg, torch.device("cpu"))
+    if method == "bottleneck":
+        reloaded = load_adapter(base, adapter_dir)
+    else:
+        from peft import PeftModel
+
+        reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
+    torch.testing.assert_close(logits(reloaded, rows, recipe.cfg.data.packing), expected, rtol=0, atol=1e-5)
+
+
+def test_qlora_base_is_4bit_nf4(tiny_model_dir, tiny_data, tmp_path):
+    import bitsandbytes as bnb
+
+    recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"method.name": "qlora"})
+    layers = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert all(m.weight.quant_state.nested for m in layers)  # double quantisation
+    # Saving must not change the frozen 4-bit base (bitsandbytes' CPU repack round trip did: see bnb_cpu.py).
+    before = logits(recipe.model, recipe.eval_rows[:1], packed=True)
+    recipe.save_adapter()
+    torch.testing.assert_close(logits(recipe.model, recipe.eval_rows[:1], packed=True), before, rtol=0, atol=0)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, tiny_data, tmp_path):
+    """Loss is normalised by the tokens of the whole optimizer step, so 2 micro-batches of 1 row equal 1 of 2 rows."""
+    curves = []
+    for micro, accum in ((2, 1), (1, 2)):
+        recipe = run_recipe(
+            tiny_model_dir, tiny_data, tmp_path / f"{micro}x{accum}",
+            **{"training.micro_batch_size": micro, "training.gradient_accumulation_steps": accum, "training.max_steps": 4},
+        )
+        recipe.train()
+        curves.append([h["train/loss"] for h in recipe.history])
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_run(tiny_model_dir, tiny_data, tmp_path):
+    curves = []
+    for i in range(2):
+        recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path / str(i), **{"training.max_steps": 3})
+        recipe.train()
+        curves.append([h["train/loss"] for h in recipe.history])
+    assert curves[0] == curves[1]
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tiny_model_dir, tiny_data, tmp_path):
+    curves = []
+    for gc in (False, True):
+        recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path / str(gc), **{"training.max_steps": 3, "training.gradient_checkpointing": gc})
+        recipe.train()
+        curves.append([h["train/loss"] for h in recipe.history])
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_too_little_data_for_one_step_is_a_clear_error(tiny_model_dir, tiny_data, tmp_path):
+    from ftscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot fill one optimizer step"):
+        run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"training.micro_batch_size": 64})
+
+
+def test_accelerate_launch_entry_point_with_wandb_offline(tiny_model_dir, tiny_data, tmp_path):
+    """The user-facing command, end to end: `accelerate launch launch/sft.py --config ... overrides`."""
+    overrides = tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "run", **{"logging.wandb.mode": "offline", "training.max_steps": 3})
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+         str(REPO / "launch/sft.py"), "--config", str(REPO / "configs/smollm2-135m/lora.yaml"), *overrides],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+    runs = list((tmp_path / "run/wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert load_config(tmp_path / "run/config.yaml").training.max_steps == 3  # the resolved config is kept
+
+
+def test_bad_data_fails_before_training_with_the_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [}\n')
+    data = {"train": bad, "eval": bad}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftscale.cli", "train", *tiny_overrides(tiny_model_dir, data, tmp_path / "run")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2 and f"{bad}:2: not valid JSON" in proc.stderr
+    assert not (tmp_path / "run").exists()
