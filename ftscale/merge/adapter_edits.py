@@ -34,6 +34,7 @@ class AdapterEdits:
     peft_type: str
     edits: dict[str, list[Edit]] = field(default_factory=lambda: defaultdict(list))  # base tensor name -> edits
     expected_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base tensor name -> shape it must have
+    optional: set[str] = field(default_factory=set)  # edits that apply only where the base has the tensor (IA3 biases)
     quantized_base: bool = False
 
 
@@ -102,6 +103,7 @@ def _ia3_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -
         out.edits[f"{module}.weight"].append(lambda w, s=s: w * s)
         if not is_ff:
             out.edits[f"{module}.bias"].append(lambda b, s=scale: b * s.reshape(b.shape))
+            out.optional.add(f"{module}.bias")
 
 
 def _full_tensor_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -> None:

@@ -57,7 +57,10 @@ def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config
     """Map each edited tensor to the base tensor it starts from. A tied output head that the adapter changes
     starts from the input embedding and becomes a tensor of its own (the output config is then untied)."""
     sources = {}
-    for name in edits.edits:
+    for name in [n for n in edits.edits if n in edits.optional and n not in tensors]:
+        del edits.edits[name]
+    position = {n: i for i, n in enumerate(tensors)}
+    for name in sorted(edits.edits, key=lambda n: position.get(n, len(position))):  # report mismatches in model order
         if name in tensors:
             sources[name] = name
         elif config.get("tie_word_embeddings") and name.endswith("lm_head.weight") and _tied_embedding(tensors):
