@@ -226,7 +226,7 @@ def test_adapter_for_another_base_names_the_first_mismatch(lora_pair, tmp_path):
 
     wider = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
     save_base(wider, tmp_path / "wider")
-    with pytest.raises(MergeError, match=r"adapter's 'model.layers.0.self_attn.q_proj.weight' has shape \(64, 64\), the base's is \(96, 96\)"):
+    with pytest.raises(MergeError, match=r"adapter's 'model.layers.0.mlp.down_proj.weight' has shape \(64, 128\), the base's is \(96, 128\)"):
         stream_merge(tmp_path / "wider", adapter, tmp_path / "out", progress=False)
     shallow = save_base(build_tiny_model(300, tie=False, layers=1), tmp_path / "shallow")
     with pytest.raises(MergeError, match="changes tensor 'model.layers.1.*which this base does not have"):
