@@ -68,19 +68,24 @@ def _lora_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) 
         alpha = _pattern_value(module, cfg.get("alpha_pattern") or {}, cfg["lora_alpha"])
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if "lora_embedding_A" in parts:  # an adapted embedding: delta is (B @ A)^T, shape [vocab, dim]
-            delta = (parts["lora_embedding_B"] @ parts["lora_embedding_A"]).T * scaling
+            down, up, transpose = parts["lora_embedding_A"], parts["lora_embedding_B"], True
         else:
-            delta = parts["lora_B.weight"] @ parts["lora_A.weight"] * scaling
-            if fan_in_fan_out:
-                delta = delta.T
+            down, up, transpose = parts["lora_A.weight"], parts["lora_B.weight"], fan_in_fan_out
+        shape = (up.shape[0], down.shape[1])
         name = f"{module}.weight"
-        out.expected_shapes[name] = tuple(delta.shape)
+        out.expected_shapes[name] = shape[::-1] if transpose else shape
+
+        # The delta is as large as the weight: compute it only when its tensor is merged, never all at once.
+        def delta(a=down, b=up, s=scaling, t=transpose) -> torch.Tensor:
+            d = b @ a * s
+            return d.T if t else d
+
         magnitude = parts.get("lora_magnitude_vector")
         if magnitude is None:
-            out.edits[name].append(lambda w, d=delta: w + d)
+            out.edits[name].append(lambda w, d=delta: w + d())
         else:  # DoRA: rescale each output row of W + dW to the learned magnitude
             def dora(w, d=delta, m=magnitude):
-                merged = w + d
+                merged = w + d()
                 rows = merged.T if fan_in_fan_out else merged
                 factor = (m / torch.linalg.norm(rows, dim=1)).view(-1, 1)
                 return (factor * rows).T if fan_in_fan_out else factor * rows
