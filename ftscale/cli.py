@@ -1,12 +1,14 @@
-"""The `ftscale` command line: train, config show, import-gguf, merge, compare."""
+"""The `ftscale` command line: train, config show, import-gguf, export-adapter, merge, compare."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from ftscale.checkpoint import CheckpointError
 from ftscale.config import ConfigError, load_config, render_config
 from ftscale.data import DataError
 
@@ -17,10 +19,23 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from ftscale.checkpoint import REQUEUE_EXIT_CODE, Preempted
     from ftscale.recipes.sft import recipe_main
 
-    summary = recipe_main(load_config(args.config, args.overrides))
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    try:
+        summary = recipe_main(load_config(args.config, args.overrides))
+    except Preempted as e:
+        print(f"ftscale train: {e}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+def cmd_export_adapter(args) -> int:
+    from ftscale.checkpoint import export_adapter
+
+    print(json.dumps(export_adapter(args.checkpoint, args.out, overwrite=args.overwrite)))
     return 0
 
 
@@ -83,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import_gguf)
 
+    p = sub.add_parser("export-adapter", help="write the adapter of a training checkpoint in peft's format")
+    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/step-00000100")
+    p.add_argument("out", help="output adapter folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_adapter)
+
     p = sub.add_parser("merge", help="stream-merge a LoRA/DoRA/IA3 adapter into its base, shard by shard")
     p.add_argument("--base", required=True, help="base model folder (safetensors, single file or sharded)")
     p.add_argument("--adapter", required=True, help="adapter folder in peft's format")
@@ -108,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"ftscale {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -21,12 +21,23 @@ def attach_adapter(model: nn.Module, cfg: FtscaleConfig) -> nn.Module:
     return get_peft_model(model, peft_config(cfg.method, cfg.model.path))
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig) -> None:
-    """Write only the adapter: peft's own format for peft methods (so `PeftModel.from_pretrained` loads it), plus
+def save_adapter_config(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig) -> None:
+    """The adapter's config without its weights (peft's adapter_config.json or bottleneck_config.json), plus
     `ftscale_adapter.json` recording the method and whether the base was quantised (the merge reports it)."""
-    model.save_pretrained(str(out_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, BottleneckModel):
+        model.save_config(out)
+    else:
+        model.peft_config["default"].save_pretrained(str(out))
     meta = {"method": cfg.method.name, "base_model": cfg.model.path, "quantized_base": cfg.method.name == "qlora"}
-    (Path(out_dir) / "ftscale_adapter.json").write_text(json.dumps(meta, indent=2))
+    (out / "ftscale_adapter.json").write_text(json.dumps(meta, indent=2))
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig) -> None:
+    """Write only the adapter: peft's own format for peft methods (so `PeftModel.from_pretrained` loads it)."""
+    model.save_pretrained(str(out_dir))
+    save_adapter_config(model, out_dir, cfg)
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:

@@ -93,9 +93,12 @@ class BottleneckModel(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.adapters.state_dict().items()}
 
     def save_pretrained(self, out_dir: str | Path) -> None:
+        self.save_config(out_dir)
+        save_file(self.adapter_state_dict(), str(Path(out_dir) / WEIGHTS_NAME), metadata={"format": "pt", "method": "bottleneck"})
+
+    def save_config(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self.adapter_state_dict(), str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": "bottleneck"})
         meta = {
             "method": "bottleneck",
             "hidden_size": self.config.hidden_size,

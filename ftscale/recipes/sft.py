@@ -1,7 +1,7 @@
 """The supervised fine-tuning recipe: one training script for every method and every backend.
 
-Shape (as torchtune's recipes): setup() -> _setup_data(), _setup_model(), _setup_optimizer(); then train(),
-evaluate(), save_adapter(), cleanup(); `recipe_main(cfg)` runs them. Accelerate supplies the process group and the
+Shape (as torchtune's recipes): setup() -> _setup_data(), _setup_model(), _setup_optimizer(), _resume(); then
+train(), evaluate(), save_checkpoint(), save_adapter(), cleanup(); `recipe_main(cfg)` runs them. Accelerate supplies the process group and the
 backend (single process, DDP, FSDP2, DeepSpeed) chosen by `accelerate launch --config_file`."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 
+from ftscale.checkpoint import CheckpointStore, Preempted, PreemptionWatcher
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
-from ftscale.methods import attach_adapter, save_adapter, trainable_parameter_count
+from ftscale.methods import attach_adapter, save_adapter, save_adapter_config, trainable_parameter_count
 from ftscale.model.loading import load_base_model, load_tokenizer
 from ftscale.training.metrics import MetricLogger
 from ftscale.training.optim import build_optimizer, build_scheduler
@@ -42,6 +43,8 @@ class SFTRecipe:
         if cfg.training.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
         self.accelerator = Accelerator(
+            # Without CUDA, torchrun-launched processes form a gloo group on CPU (accelerate needs cpu=True for that).
+            cpu=not torch.cuda.is_available(),
             mixed_precision=MIXED_PRECISION[cfg.training.precision],
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.collective_timeout_s))],
         )
@@ -51,9 +54,11 @@ class SFTRecipe:
             datefmt="%H:%M:%S",
         )
         set_seed(cfg.training.seed)
+        self.preemption = PreemptionWatcher()
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
+        self._resume()
         self.metrics = MetricLogger(cfg, self.accelerator.is_main_process, self.total_steps)
 
     def _setup_data(self) -> None:
@@ -94,6 +99,23 @@ class SFTRecipe:
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = build_scheduler(optimizer, self.cfg.training, self.total_steps)
 
+    def _resume(self) -> None:
+        """Continue from a checkpoint (checkpoint.resume): parameters, optimizer, schedule, RNG and data position."""
+        self.store = CheckpointStore(self.cfg, self.accelerator)
+        self.start_step, self.tokens_seen, self.eval_loss_before = 0, 0, None
+        ckpt = self.store.find_resume()
+        if ckpt is not None:
+            state = self.store.load(
+                ckpt, self.accelerator.unwrap_model(self.model), self._torch_optimizer(), self.scheduler,
+                self.rows_per_step, len(self.train_rows),
+            )
+            self.start_step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.history, self.eval_loss_before = state["history"], state["eval_loss_before"]
+        self.store.clear_preempted()
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+
     # ---- data order --------------------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for optimizer step `step`.
@@ -116,12 +138,20 @@ class SFTRecipe:
         t = torch.tensor(float(value), device=self.accelerator.device, dtype=torch.float64)
         return self.accelerator.reduce(t, reduction="sum").item()
 
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Whether any rank raised each flag (signals and clocks differ between ranks; the decision must not)."""
+        t = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
     def train(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        self.eval_loss_before = self.evaluate()
+        cfg, acc, ck = self.cfg, self.accelerator, self.cfg.checkpoint
+        if self.eval_loss_before is None:
+            self.eval_loss_before = self.evaluate()
         self.model.train()
-        tokens_seen, t0 = 0, time.monotonic()
-        for step in range(self.total_steps):
+        resumed_tokens, session_tokens, t0, last_save = self.tokens_seen, 0, time.monotonic(), time.monotonic()
+        for step in range(self.start_step, self.total_steps):
             batches = self._micro_batches(step)
             counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
             # Normalise by the loss tokens of the whole optimizer step on all ranks, so the gradient is the same
@@ -134,7 +164,7 @@ class SFTRecipe:
                     out = self.model(**{n: v.to(acc.device) for n, v in batch.items()}, use_cache=False)
                     acc.backward(out.loss * (count * acc.num_processes / step_tokens))
                 loss_sum += out.loss.detach().item() * count
-                tokens_seen += batch["input_ids"].numel()
+                session_tokens += batch["input_ids"].numel()
             grad_norm = None
             if cfg.training.max_grad_norm is not None:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.training.max_grad_norm)
@@ -145,7 +175,8 @@ class SFTRecipe:
             record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
             if grad_norm is not None:
                 record["train/grad_norm"] = float(grad_norm)
-            record["train/tokens_per_s"] = self._global_sum(tokens_seen) / (time.monotonic() - t0)
+            step_tokens_all = self._global_sum(session_tokens)
+            record["train/tokens_per_s"] = step_tokens_all / (time.monotonic() - t0)
             self.history.append({"step": step + 1, **record})
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
@@ -155,8 +186,36 @@ class SFTRecipe:
                 self.model.train()
             if (step + 1) % cfg.training.log_every == 0 or done:
                 self.metrics.log(step + 1, record)
+
+            self.tokens_seen = resumed_tokens + step_tokens_all
+            by_time = ck.every_minutes is not None and time.monotonic() - last_save >= 60 * ck.every_minutes
+            preempt, timed = self._agree(self.preemption.received is not None, by_time)
+            if preempt:
+                path = self.save_checkpoint(step + 1)
+                signal_name = self.preemption.received or "a signal on another rank"
+                self.store.mark_preempted({"step": step + 1, "signal": signal_name, "checkpoint": str(path)})
+                raise Preempted(step + 1, signal_name, str(path))
+            if not done and (timed or (ck.every_steps and (step + 1) % ck.every_steps == 0)):
+                self.save_checkpoint(step + 1)
+                last_save = time.monotonic()
         self.eval_loss_after = self.evaluate()
         self.metrics.log(self.total_steps, {"eval/loss": self.eval_loss_after})
+        self.save_checkpoint(self.total_steps)
+
+    def save_checkpoint(self, step: int):
+        model = self.accelerator.unwrap_model(self.model)
+        state = {
+            "step": step,
+            "rows_per_step": self.rows_per_step,
+            "world_size": self.accelerator.num_processes,
+            "num_train_rows": len(self.train_rows),
+            "history": self.history,
+            "eval_loss_before": self.eval_loss_before,
+            "tokens_seen": self.tokens_seen,
+        }
+        return self.store.save(
+            step, model, self._torch_optimizer(), self.scheduler, state, lambda out: save_adapter_config(model, out, self.cfg)
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -196,8 +255,8 @@ class SFTRecipe:
             "steps": self.total_steps,
             "eval_loss_before": self.eval_loss_before,
             "eval_loss_after": self.eval_loss_after,
-            "final_train_loss": self.history[-1]["train/loss"],
-            "tokens_per_s": self.history[-1]["train/tokens_per_s"],
+            "final_train_loss": self.history[-1]["train/loss"] if self.history else None,
+            "tokens_per_s": self.history[-1]["train/tokens_per_s"] if self.history else None,
             "data": {"examples": s.examples, "rows": len(self.train_rows), "skipped": s.skipped, "truncated": s.truncated, "dropped": s.dropped},
             "history": self.history,
         }
@@ -209,15 +268,22 @@ class SFTRecipe:
         return summary
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        if hasattr(self, "preemption"):
+            self.preemption.close()
+        if hasattr(self, "accelerator"):
+            self.accelerator.end_training()
 
 
 def recipe_main(cfg: FtscaleConfig) -> dict:
+    """Run the whole recipe. Raises `Preempted` after checkpointing when SIGUSR1/SIGTERM arrived."""
     recipe = SFTRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    if cfg.checkpoint.save_final_adapter:
-        recipe.save_adapter()
-    summary = recipe.write_summary()
-    recipe.cleanup()
-    return summary
+    try:
+        recipe.setup()
+        recipe.train()
+        if cfg.checkpoint.save_final_adapter:
+            recipe.save_adapter()
+        return recipe.write_summary()
+    finally:
+        recipe.cleanup()

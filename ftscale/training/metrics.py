@@ -44,4 +44,9 @@ class MetricLogger:
     def finish(self, summary: dict[str, float]) -> None:
         if self.run is not None:
             self.run.summary.update(summary)
+            self.close()
+
+    def close(self) -> None:
+        if self.run is not None:
             self.run.finish()
+            self.run = None

@@ -1,0 +1,54 @@
+"""`ftscale export-adapter CKPT OUT`: a consolidated adapter in peft's format (or ftscale's bottleneck format) from
+any complete checkpoint, however many ranks wrote it, without the training job and without the base weights."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ftscale.checkpoint.layout import CheckpointError, verify
+from ftscale.checkpoint.state import trainable_parameters
+from ftscale.checkpoint.store import _read_shards
+from ftscale.config import load_config
+from ftscale.methods import attach_adapter, save_adapter
+
+
+def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict:
+    ckpt = verify(Path(ckpt_dir), checksums=True)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} exists: choose another or pass --overwrite")
+    cfg = load_config(ckpt.path / "config.yaml")
+    cfg.method.prompt.init_text = None  # the weights come from the checkpoint; no tokenizer needed to initialise
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy2(ckpt.path / "base_config.json", Path(tmp) / "config.json")
+        base_config = AutoConfig.from_pretrained(tmp)
+    # The base is only a skeleton on the meta device: no memory, no weights; only the adapter becomes real.
+    # (The adapter is attached outside the meta context: peft keeps plain tensors such as prompt token ids.)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(base_config)
+    model = attach_adapter(base, cfg)
+    tensors = _read_shards(ckpt.path / "adapter")
+    expected = set(trainable_parameters(model))
+    if expected != set(tensors):
+        first = sorted(expected ^ set(tensors))[0]
+        raise CheckpointError(f"{ckpt.path}: adapter tensors do not fit the {cfg.method.name} model described by its config (first: {first})")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    tmp_out = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save_adapter(model, tmp_out, cfg)
+        # The config the training run saved (true base path, target modules as trained) replaces the rebuilt one.
+        for f in (ckpt.path / "adapter_config").iterdir():
+            shutil.copy2(f, tmp_out / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp_out.rename(out)
+    finally:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+    return {"checkpoint": str(ckpt.path), "step": ckpt.step, "method": cfg.method.name, "out": str(out), "tensors": len(tensors), "written_by_ranks": ckpt.manifest["world_size"]}

@@ -1,0 +1,229 @@
+"""Checkpoints: atomic, adapter-only, exactly resumable after SIGUSR1/SIGTERM and kill -9, reshardable, exportable."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftscale.checkpoint import PREEMPTED, REQUEUE_EXIT_CODE, CheckpointError, complete_checkpoints, export_adapter, verify
+from ftscale.config import load_config
+from ftscale.recipes.sft import SFTRecipe, recipe_main
+
+from conftest import REPO, tiny_overrides
+
+SLOW_ENOUGH = {"training.max_steps": 40, "training.micro_batch_size": 4, "checkpoint.every_steps": 3, "logging.console": True}
+
+
+def train_cmd(model_dir, data, out, **extra) -> list[str]:
+    return [sys.executable, str(REPO / "launch/sft.py"), *tiny_overrides(model_dir, data, out, **extra)]
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, **kw)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter/adapter_model.safetensors"))
+
+
+def history(out: Path) -> list[float]:
+    return [h["train/loss"] for h in json.loads((out / "summary.json").read_text())["history"]]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout=300) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def assert_same_adapter(a: dict, b: dict, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, tiny_data):
+    """An uninterrupted run that every interrupted run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run(train_cmd(tiny_model_dir, tiny_data, out, **SLOW_ENOUGH))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_exits_for_requeue_and_resumes_bit_identical(sig, reference, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **SLOW_ENOUGH), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "checkpoints/step-00000003", proc)
+    proc.send_signal(sig)
+    if sig == signal.SIGTERM:
+        time.sleep(0.005)
+        proc.send_signal(sig)  # a second signal, likely during the save, must not corrupt anything
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
+    marker = json.loads((out / "checkpoints" / PREEMPTED).read_text())
+    assert marker["signal"] == sig.name and 3 <= marker["step"] < 40
+    assert (out / "checkpoints/latest").read_text() == f"step-{marker['step']:08d}"
+    verify(Path(marker["checkpoint"]), checksums=True)
+    assert f"{sig.name} received: stopped after step {marker['step']}" in stderr
+
+    resumed = run(train_cmd(tiny_model_dir, tiny_data, out, **SLOW_ENOUGH))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {marker['checkpoint']} (step {marker['step']}" in resumed.stderr
+    assert not (out / "checkpoints" / PREEMPTED).exists()
+    assert history(out) == history(reference)
+    assert_same_adapter(adapter(out), adapter(reference))
+
+
+def test_kill_9_at_random_moments_always_resumes_from_newest_complete(reference, tiny_model_dir, tiny_data, tmp_path):
+    out, rng = tmp_path / "run", random.Random(7)
+    settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}
+    kills = 0
+    for trial in range(8):
+        done = {c.step for c in complete_checkpoints(out / "checkpoints", checksums=True)}
+        newest_before = max(done, default=0)
+        proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        target = min(newest_before + rng.randint(1, 5), 39)
+        wait_for(out / f"checkpoints/step-{target:08d}", proc)
+        time.sleep(rng.uniform(0, 0.15))  # lands inside a step, a save, a rename or retention
+        proc.kill()
+        _, stderr = proc.communicate()
+        kills += 1
+        if newest_before:
+            assert f"(step {newest_before}," in stderr, f"trial {trial}: did not resume from step {newest_before}"
+        assert not any(p.name.endswith(".partial") for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    final = run(train_cmd(tiny_model_dir, tiny_data, out, **settings))
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert kills == 8
+    assert history(out) == history(reference)
+    assert_same_adapter(adapter(out), adapter(reference))
+    resumed_from = int(re.search(r"\(step (\d+),", final.stderr).group(1))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == sorted({f"step-{s:08d}" for s in (39, 40, resumed_from)})  # keep_last=2, plus the one resumed from
+
+
+def test_partial_corrupt_and_unfinished_checkpoints_are_never_loaded(reference, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", root)
+    steps = [c.step for c in complete_checkpoints(root, checksums=True)]
+    assert steps == [36, 39, 40]
+    # A crash mid-save leaves a .partial folder; a crash before the manifest leaves a folder without one.
+    shutil.copytree(root / "step-00000040", root / ".step-00000041.partial")
+    shutil.copytree(root / "step-00000040", root / "step-00000042")
+    (root / "step-00000042/manifest.json").unlink()
+    # A flipped byte in the newest complete checkpoint.
+    shard = root / "step-00000040/adapter/shard-00000-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert [c.step for c in complete_checkpoints(root, checksums=True)] == [36, 39]
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        verify(root / "step-00000040", checksums=True)
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match="missing or has the wrong size"):
+        verify(root / "step-00000040", checksums=False)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        verify(root / "step-00000042", checksums=False)
+
+
+def test_checkpoint_holds_only_adapter_and_optimizer_state(reference):
+    ckpt = reference / "checkpoints/step-00000040"
+    params = load_file(str(ckpt / "adapter/shard-00000-of-00001.safetensors"))
+    optim = load_file(str(ckpt / "optimizer/shard-00000-of-00001.safetensors"))
+    assert params and all(".lora_A." in k or ".lora_B." in k for k in params)
+    assert set(optim) == {f"{k}::{s}" for k in params for s in ("exp_avg", "exp_avg_sq", "step")}
+    assert not any("embed_tokens" in k or "q_proj.base_layer" in k for k in [*params, *optim])
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 40
+
+
+def _resume_with(model_dir, data, out, **changes):
+    return run([sys.executable, "-m", "ftscale.cli", "train", *tiny_overrides(model_dir, data, out, **{**SLOW_ENOUGH, **changes})])
+
+
+def test_checkpoint_of_another_config_is_refused_with_the_difference(reference, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    (out / "checkpoints/step-00000040").rename(out / "checkpoints/step-00000041")  # looks unfinished to max_steps
+    proc = _resume_with(tiny_model_dir, tiny_data, out, **{"method.lora.r": 4, "training.max_steps": 50})
+    assert proc.returncode == 2
+    assert "was written by a different run" in proc.stderr
+    assert "method.lora.r: checkpoint has 8, this run has 4" in proc.stderr
+    proc = _resume_with(tiny_model_dir, tiny_data, out, **{"training.micro_batch_size": 2, "training.max_steps": 50})
+    assert proc.returncode == 2 and "written with 4 rows per optimizer step" in proc.stderr
+
+
+def test_resume_none_starts_fresh_and_retention_spares_the_resumed_checkpoint(reference, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    start = reference / "checkpoints/step-00000036"
+    proc = run(train_cmd(tiny_model_dir, tiny_data, out, **{**SLOW_ENOUGH, "checkpoint.resume": str(start), "checkpoint.dir": str(reference / "checkpoints"), "checkpoint.keep_last": 1, "checkpoint.every_steps": 1}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in (reference / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert names == ["step-00000036", "step-00000040"]  # keep_last=1, plus the one resumed from
+    assert history(out) == history(reference)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "qlora"])
+def test_export_adapter_equals_the_adapter_saved_by_training(method, tiny_model_dir, tiny_data, tmp_path):
+    from test_methods import METHOD_SETTINGS
+
+    out = tmp_path / "run"
+    recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"method.name": method, "training.max_steps": 2, **METHOD_SETTINGS[method]})))
+    proc = run([sys.executable, "-m", "ftscale.cli", "export-adapter", str(out / "checkpoints/step-00000002"), str(tmp_path / "exported")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["method"] == method
+    assert_same_adapter(load_file(str(tmp_path / "exported/adapter_model.safetensors")), adapter(out))
+    config = "bottleneck_config.json" if method == "bottleneck" else "adapter_config.json"
+    assert json.loads((tmp_path / "exported" / config).read_text()) == json.loads((out / "adapter" / config).read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_cmd(model_dir, data, out, **extra) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
+            "--main_process_port", str(free_port()), str(REPO / "launch/sft.py"), *tiny_overrides(model_dir, data, out, **extra)]
+
+
+@pytest.mark.parametrize("first, second", [("1", "2"), ("2", "1")], ids=["1->2", "2->1"])
+def test_resume_with_another_number_of_processes(first, second, tiny_model_dir, tiny_data, tmp_path):
+    """Same global batch (4 rows per step) split as 1 process x 4 rows or 2 processes x 2 rows."""
+    base = {"training.max_steps": 8, "checkpoint.every_steps": 4, "training.micro_batch_size": 4}
+    cmd = {"1": lambda out, **kw: train_cmd(tiny_model_dir, tiny_data, out, **{**base, **kw}),
+           "2": lambda out, **kw: ddp_cmd(tiny_model_dir, tiny_data, out, **{**base, "training.micro_batch_size": 2, **kw})}
+    whole = run(cmd[first](tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    shutil.copytree(tmp_path / "whole/checkpoints/step-00000004", tmp_path / "split/checkpoints/step-00000004")
+    resumed = run(cmd[second](tmp_path / "split"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"written by {first} processes" in resumed.stderr
+    written = verify(tmp_path / f"whole/checkpoints/step-00000008", checksums=True).manifest["world_size"]
+    assert written == int(first)
+    # Gradients are reduced in another order across processes: equal up to float rounding.
+    torch.testing.assert_close(torch.tensor(history(tmp_path / "split")), torch.tensor(history(tmp_path / "whole")), rtol=1e-5, atol=1e-6)
+    assert_same_adapter(adapter(tmp_path / "split"), adapter(tmp_path / "whole"), exact=False)
+    if second == "1":  # a checkpoint written by 2 ranks exports to one adapter
+        ex = export_adapter(tmp_path / "whole/checkpoints/step-00000008", tmp_path / "exported")
+        assert ex["written_by_ranks"] == 2
+        assert_same_adapter(load_file(str(tmp_path / "exported/adapter_model.safetensors")), adapter(tmp_path / "whole"))
