@@ -114,6 +114,26 @@ def test_changed_tied_head_is_untied_and_matches_the_adapted_model(tmp_path):
         torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lora_on_the_embedding_and_a_trainable_head(tmp_path, tied):
+    base_dir = save_base(build_tiny_model(300, tie=tied), tmp_path / "base")
+    config = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], modules_to_save=None if tied else ["lm_head"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    randomise_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    stream_merge(base_dir, tmp_path / "adapter", tmp_path / "out", progress=False)
+    ours, theirs = merged_state(tmp_path / "out"), peft_reference(base_dir, tmp_path / "adapter", torch.float32)
+    for name, tensor in ours.items():
+        if name != "lm_head.weight" or not tied:  # with tied weights peft's merge also changes the head (see below)
+            assert_within_rounding(tensor, theirs[name], name)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    # The adapted model used the adapted embedding for lookups only, so the merged model must be untied to match it.
+    assert merged.config.tie_word_embeddings is False
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_trainable_token_rows(tmp_path):
     base_dir = save_base(build_tiny_model(300, tie=False), tmp_path / "base")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 7]}))

@@ -120,6 +120,20 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_model_dir, tiny_data, t
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_autocast_trains(tiny_model_dir, tiny_data, tmp_path):
+    recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"training.precision": "bf16", "training.max_steps": 4})
+    recipe.train()
+    assert recipe.eval_loss_after < recipe.eval_loss_before
+    assert all(p.dtype == torch.float32 for p in recipe.model.parameters() if p.requires_grad)  # fp32 master weights
+
+
+def test_fp16_without_cuda_is_refused_before_loading(tiny_model_dir, tiny_data, tmp_path):
+    from ftscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"training.precision": "fp16"})
+
+
 def test_too_little_data_for_one_step_is_a_clear_error(tiny_model_dir, tiny_data, tmp_path):
     from ftscale.config import ConfigError
 

@@ -123,8 +123,10 @@ def _full_tensor_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: Adapter
             index = torch.tensor(idx)
             out.edits[f"{module}.weight"].append(lambda w, i=index, v=value: w.index_copy(0, i, v))
         elif not re.search(r"\.(lora_\w+|ia3_l)(\.weight|\.bias)?$", key):
-            out.expected_shapes[key] = tuple(value.shape)
-            out.edits[key].append(lambda _w, v=value: v)
+            # peft saves a targeted embedding's own weight as `<module>.base_layer.weight` (save_embedding_layers)
+            name = key.replace(".base_layer.", ".")
+            out.expected_shapes[name] = tuple(value.shape)
+            out.edits[name].append(lambda _w, v=value: v)
 
 
 def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
@@ -149,8 +151,8 @@ def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
         raise MergeError(f"{adapter_dir}: peft_type {peft_type!r} is not supported by the streaming merge (LORA, IA3 are)")
     tensors = {k.removeprefix(PREFIX): v for k, v in _load_adapter_tensors(adapter_dir).items()}
     out = AdapterEdits(peft_type)
+    _full_tensor_edits(cfg, tensors, out)  # replacements first: a delta then applies to the replaced tensor
     (_lora_edits if peft_type == "LORA" else _ia3_edits)(cfg, tensors, out)
-    _full_tensor_edits(cfg, tensors, out)
     meta = adapter_dir / "ftscale_adapter.json"
     out.quantized_base = meta.is_file() and json.loads(meta.read_text()).get("quantized_base", False)
     return out

@@ -73,6 +73,11 @@ def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config
         want, have = edits.expected_shapes.get(name), tensors[sources[name]].shape
         if want is not None and tuple(want) != tuple(have):
             raise MergeError(f"adapter's '{name}' has shape {tuple(want)}, the base's is {tuple(have)}: adapter and base do not match")
+    embedding = _tied_embedding(tensors)
+    if config.get("tie_word_embeddings") and embedding in edits.edits and "lm_head.weight" not in sources:
+        # The adapted model changed only the input lookup; its tied head still used the original weights. Merging
+        # into a tied model would change the head too (as peft's merge_and_unload does), so the head is untied.
+        sources["lm_head.weight"] = embedding
     return sources
 
 
