@@ -47,8 +47,11 @@ def cmd_config_show(args) -> int:
 def cmd_import_gguf(args) -> int:
     from ftscale.model.gguf_import import find_packaged_gguf, import_gguf
 
-    gguf = Path(args.gguf) if args.gguf else find_packaged_gguf()
-    out = import_gguf(gguf, Path(args.out), overwrite=args.overwrite)
+    gguf, out = Path(args.gguf) if args.gguf else find_packaged_gguf(), Path(args.out)
+    if (out / "config.json").is_file() and not args.overwrite:
+        print(f"{out} already holds the imported model (--overwrite to import again)")
+        return 0
+    import_gguf(gguf, out, overwrite=args.overwrite)
     print(f"imported {gguf.name} -> {out}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -43,8 +44,9 @@ class SFTRecipe:
         if cfg.training.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
         self.accelerator = Accelerator(
-            # Without CUDA, torchrun-launched processes form a gloo group on CPU (accelerate needs cpu=True for that).
-            cpu=not torch.cuda.is_available(),
+            # Without CUDA, torchrun-launched processes form a gloo group on CPU (accelerate needs cpu=True for that);
+            # DeepSpeed brings its own CPU accelerator, and accelerate disables DeepSpeed when cpu=True.
+            cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true",
             mixed_precision=MIXED_PRECISION[cfg.training.precision],
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.collective_timeout_s))],
         )
@@ -53,6 +55,8 @@ class SFTRecipe:
             format=f"%(asctime)s [rank {self.accelerator.process_index}] %(message)s",
             datefmt="%H:%M:%S",
         )
+        acc = self.accelerator
+        log.info("backend %s: %d processes, device %s", acc.distributed_type.value, acc.num_processes, acc.device)
         set_seed(cfg.training.seed)
         self.preemption = PreemptionWatcher()
         self._setup_data()
