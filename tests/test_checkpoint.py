@@ -201,29 +201,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ddp_cmd(model_dir, data, out, **extra) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
+def launch_cmd(accelerate_config: str, model_dir, data, out, **extra) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / f"configs/accelerate/{accelerate_config}.yaml"),
             "--main_process_port", str(free_port()), str(REPO / "launch/sft.py"), *tiny_overrides(model_dir, data, out, **extra)]
 
 
-@pytest.mark.parametrize("first, second", [("1", "2"), ("2", "1")], ids=["1->2", "2->1"])
-def test_resume_with_another_number_of_processes(first, second, tiny_model_dir, tiny_data, tmp_path):
-    """Same global batch (4 rows per step) split as 1 process x 4 rows or 2 processes x 2 rows."""
-    base = {"training.max_steps": 8, "checkpoint.every_steps": 4, "training.micro_batch_size": 4}
-    cmd = {"1": lambda out, **kw: train_cmd(tiny_model_dir, tiny_data, out, **{**base, **kw}),
-           "2": lambda out, **kw: ddp_cmd(tiny_model_dir, tiny_data, out, **{**base, "training.micro_batch_size": 2, **kw})}
-    whole = run(cmd[first](tmp_path / "whole"))
+def ddp_cmd(model_dir, data, out, **extra) -> list[str]:
+    return launch_cmd("ddp", model_dir, data, out, **extra)
+
+
+BACKENDS = {"1": (None, 1), "ddp": ("ddp", 2), "zero2": ("zero2", 2), "zero3": ("zero3", 2)}
+
+
+@pytest.mark.parametrize(
+    "first, second", [("1", "ddp"), ("ddp", "1"), ("zero2", "1"), ("1", "zero3"), ("zero3", "zero2")],
+    ids=lambda v: v,
+)
+def test_resume_with_another_number_of_processes_or_backend(first, second, tiny_model_dir, tiny_data, tmp_path):
+    """Same global batch (4 rows per step), split as 1 process x 4 rows or 2 processes x 2 rows, under one process,
+    DDP or DeepSpeed ZeRO-2/3: a checkpoint written by one resumes under another."""
+    base = {"training.max_steps": 8, "checkpoint.every_steps": 4}
+
+    def cmd(backend, out):
+        config, procs = BACKENDS[backend]
+        settings = {**base, "training.micro_batch_size": 4 // procs}
+        return launch_cmd(config, tiny_model_dir, tiny_data, out, **settings) if config else train_cmd(tiny_model_dir, tiny_data, out, **settings)
+
+    whole = run(cmd(first, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     shutil.copytree(tmp_path / "whole/checkpoints/step-00000004", tmp_path / "split/checkpoints/step-00000004")
-    resumed = run(cmd[second](tmp_path / "split"))
+    resumed = run(cmd(second, tmp_path / "split"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"written by {first} processes" in resumed.stderr
+    assert f"written by {BACKENDS[first][1]} processes" in resumed.stderr
     written = verify(tmp_path / f"whole/checkpoints/step-00000008", checksums=True).manifest["world_size"]
-    assert written == int(first)
+    assert written == BACKENDS[first][1]
     # Gradients are reduced in another order across processes: equal up to float rounding.
     torch.testing.assert_close(torch.tensor(history(tmp_path / "split")), torch.tensor(history(tmp_path / "whole")), rtol=1e-5, atol=1e-6)
     assert_same_adapter(adapter(tmp_path / "split"), adapter(tmp_path / "whole"), exact=False)
-    if second == "1":  # a checkpoint written by 2 ranks exports to one adapter
+    if BACKENDS[first][1] == 2:  # a checkpoint written by 2 ranks exports to one adapter
         ex = export_adapter(tmp_path / "whole/checkpoints/step-00000008", tmp_path / "exported")
         assert ex["written_by_ranks"] == 2
         assert_same_adapter(load_file(str(tmp_path / "exported/adapter_model.safetensors")), adapter(tmp_path / "whole"))

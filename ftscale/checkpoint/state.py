@@ -1,5 +1,8 @@
 """Collect and restore the training state a checkpoint holds: trainable parameters and their AdamW state (keyed
-by parameter name, so any number of processes can load them), learning-rate schedule, and each rank's RNG."""
+by parameter name, so any number of processes and any backend can load them), and each rank's RNG.
+
+Two ways to reach that state, one format: `PlainAccess` (one process, DDP: every rank holds full tensors) and
+`DeepSpeedAccess` (ZeRO-1/2/3: fp32 master weights and Adam state live in flat partitions across ranks)."""
 
 from __future__ import annotations
 
@@ -58,7 +61,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, nn.Par
     for key, value in tensors.items():
         name, field = key.split(SEP)
         state.setdefault(index[name], {})[field] = value
-    saved_groups = [{**{k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]} for g in groups]
+    # load_state_dict pairs a group's saved ids with the live group's parameters by position, so the ids are listed
+    # in live order whatever order the checkpoint names them in (DeepSpeed writes them sorted).
+    saved_groups = [
+        {**{k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"}, "params": [index[name_of[id(p)]] for p in live["params"]]}
+        for live, saved in zip(optimizer.param_groups, groups)
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
 
 
@@ -86,3 +94,103 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, pos, has_gauss, cached = json.loads(meta["numpy"])
     np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors; "step" is stored beside them
+
+
+class PlainAccess:
+    """One process or DDP: full parameters and the torch optimizer's own state on every rank."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def collect(self, params: dict[str, nn.Parameter], mine: list[str]) -> tuple[dict, dict]:
+        return parameter_tensors(params, mine), optimizer_tensors(self.optimizer, params, mine)
+
+    def groups(self, params: dict[str, nn.Parameter]) -> list[dict]:
+        return optimizer_groups(self.optimizer, params)
+
+    def restore(self, params, param_tensors, optim_tensors, groups) -> None:
+        restore_parameters(params, param_tensors)
+        restore_optimizer(self.optimizer, params, optim_tensors, groups)
+
+
+class DeepSpeedAccess:
+    """ZeRO-1/2/3 through DeepSpeed's tensor-fragment API, which assembles and scatters one parameter's fp32 value
+    and Adam state from the flat partitions. Every call is collective: all ranks walk all parameters in order."""
+
+    def __init__(self, zero_optimizer, accelerator):
+        self.zero, self.acc = zero_optimizer, accelerator
+
+    def _inner_states(self) -> list[dict]:
+        return [s for s in self.zero.optimizer.state.values() if s]
+
+    @staticmethod
+    def _full_shape(p: nn.Parameter) -> tuple[int, ...]:
+        return tuple(getattr(p, "ds_shape", p.shape))
+
+    def collect(self, params: dict[str, nn.Parameter], mine: list[str]) -> tuple[dict, dict]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        states = self._inner_states()
+        step = states[0]["step"].detach().cpu().float().reshape(()) if states else torch.tensor(0.0)
+        owned, param_out, optim_out = set(mine), {}, {}
+        for name in sorted(params):
+            p, shape = params[name], self._full_shape(params[name])
+            value = safe_get_full_fp32_param(p)
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in OPTIMIZER_KEYS}
+            if name in owned:
+                param_out[name] = value.detach().cpu().reshape(shape).contiguous()
+                for k, v in moments.items():
+                    optim_out[f"{name}{SEP}{k}"] = v.detach().cpu().reshape(shape).contiguous()
+                optim_out[f"{name}{SEP}step"] = step.clone()
+        return param_out, optim_out
+
+    def groups(self, params: dict[str, nn.Parameter]) -> list[dict]:
+        names = sorted(params)
+        return [{**{k: v for k, v in g.items() if k != "params"}, "params": names} for g in self.zero.optimizer.param_groups]
+
+    def _create_optimizer_state(self) -> None:
+        """Before the first step AdamW has no state to write into: torch creates it lazily at the first step, and
+        DeepSpeed links its per-parameter views after that. Create it now, in torch's own layout, and link it."""
+        flats = getattr(self.zero, "fp32_partitioned_groups_flat", None) or self.zero.single_partition_of_fp32_groups
+        for flat in flats:  # ZeRO-3 / ZeRO-1,2 flat fp32 partitions of this rank
+            state = self.zero.optimizer.state[flat]
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32, device=flat.device),
+                             exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        if hasattr(self.zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: what DeepSpeed runs after step 1
+            self.zero._lazy_init_hp_params_optimizer_state()
+
+    def restore(self, params, param_tensors, optim_tensors, groups) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from ftscale.distributed.zero import gathered
+
+        missing = sorted(set(params) - set(param_tensors))
+        if missing:
+            raise KeyError(f"checkpoint has no values for {len(missing)} trainable parameters, first: {missing[0]}")
+        self._create_optimizer_state()
+        for name in sorted(params):
+            p = params[name]
+            safe_set_full_fp32_param(p, param_tensors[name].to(p.device))
+            for k in OPTIMIZER_KEYS:
+                safe_set_full_optimizer_state(p, optim_tensors[f"{name}{SEP}{k}"].to(p.device), k)
+        # The fp32 masters are set; the parameters the model computes with must hold the same values.
+        with gathered(list(params.values()), self.acc, modify=True), torch.no_grad():
+            for name, p in params.items():
+                p.data.copy_(param_tensors[name].reshape(p.shape).to(p.dtype))
+        step = next(v for k, v in optim_tensors.items() if k.endswith(f"{SEP}step"))
+        for state in self._inner_states():
+            state["step"] = step.to(state["step"].dtype).reshape(state["step"].shape).to(state["step"].device)
+        for live, saved in zip(self.zero.optimizer.param_groups, groups):
+            live.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+
+
+def state_access(optimizer, accelerator) -> PlainAccess | DeepSpeedAccess:
+    """The state access for this run's backend; `optimizer` is what accelerate.prepare returned."""
+    from ftscale.distributed.zero import is_deepspeed
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> torch or DeepSpeed's optimizer
+    return DeepSpeedAccess(inner, accelerator) if is_deepspeed(accelerator) else PlainAccess(inner)

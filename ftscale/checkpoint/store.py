@@ -26,17 +26,7 @@ from ftscale.checkpoint.layout import (
     write_atomically,
     write_manifest,
 )
-from ftscale.checkpoint.state import (
-    optimizer_groups,
-    optimizer_tensors,
-    owned_names,
-    parameter_tensors,
-    restore_optimizer,
-    restore_parameters,
-    restore_rng,
-    rng_state,
-    trainable_parameters,
-)
+from ftscale.checkpoint.state import owned_names, restore_rng, rng_state, trainable_parameters
 from ftscale.config import FtscaleConfig, load_config, render_config
 
 log = logging.getLogger("ftscale")
@@ -88,8 +78,9 @@ class CheckpointStore:
         self.protected: Path | None = None  # the checkpoint this run resumed from: retention never deletes it
 
     # ---- save ---------------------------------------------------------------------------------------------------
-    def save(self, step: int, model, optimizer, scheduler, trainer_state: dict, write_adapter_config) -> Path:
-        """Collective: every rank must call it. `model` is the unwrapped model, `optimizer` the torch optimizer."""
+    def save(self, step: int, model, access, scheduler, trainer_state: dict, write_adapter_config) -> Path:
+        """Collective: every rank must call it. `model` is the unwrapped model; `access` reads its full state
+        (state.state_access)."""
         acc, rank, world = self.acc, self.acc.process_index, self.acc.num_processes
         tmp, final = partial_dir(self.root, step), self.root / step_dir_name(step)
         if acc.is_main_process:
@@ -98,20 +89,21 @@ class CheckpointStore:
             tmp.mkdir()
         acc.wait_for_everyone()
         params = trainable_parameters(model)
-        mine = owned_names(list(params), rank, world)
+        param_tensors, optim_tensors = access.collect(params, owned_names(list(params), rank, world))
+        groups = access.groups(params)
         for sub in ("adapter", "optimizer", "rng"):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
-        save_file(parameter_tensors(params, mine), str(tmp / "adapter" / _shard_name(rank, world)))
-        save_file(optimizer_tensors(optimizer, params, mine), str(tmp / "optimizer" / _shard_name(rank, world)))
+        save_file(param_tensors, str(tmp / "adapter" / _shard_name(rank, world)))
+        save_file(optim_tensors, str(tmp / "optimizer" / _shard_name(rank, world)))
         rng, rng_meta = rng_state()
         save_file(rng, str(tmp / "rng" / f"rank-{rank:05d}.safetensors"), metadata=rng_meta)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._finalise(tmp, final, step, world, params, optimizer, scheduler, trainer_state, write_adapter_config)
+            self._finalise(tmp, final, step, world, groups, scheduler, trainer_state, write_adapter_config)
         acc.wait_for_everyone()
         return final
 
-    def _finalise(self, tmp, final, step, world, params, optimizer, scheduler, trainer_state, write_adapter_config) -> None:
+    def _finalise(self, tmp, final, step, world, groups, scheduler, trainer_state, write_adapter_config) -> None:
         expected = [tmp / sub / _shard_name(r, world) for sub in ("adapter", "optimizer") for r in range(world)]
         expected += [tmp / "rng" / f"rank-{r:05d}.safetensors" for r in range(world)]
         missing = [str(p.relative_to(tmp)) for p in expected if not p.is_file()]
@@ -120,7 +112,7 @@ class CheckpointStore:
                 f"checkpoint {tmp}: files of other ranks did not arrive ({', '.join(missing[:3])}): checkpoint.dir must be "
                 "a folder every node sees (a shared filesystem), not node-local storage"
             )
-        (tmp / "optimizer" / "param_groups.json").write_text(json.dumps(optimizer_groups(optimizer, params), indent=2))
+        (tmp / "optimizer" / "param_groups.json").write_text(json.dumps(groups, indent=2))
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), indent=2))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         (tmp / "config.yaml").write_text(render_config(self.cfg))
@@ -152,7 +144,7 @@ class CheckpointStore:
             return found[-1] if found else None
         return verify(Path(choice), checksums)
 
-    def load(self, ckpt: Checkpoint, model, optimizer, scheduler, rows_per_step: int, num_rows: int) -> dict:
+    def load(self, ckpt: Checkpoint, model, access, scheduler, rows_per_step: int, num_rows: int) -> dict:
         """Restore everything from `ckpt` into this run; returns the saved trainer state."""
         diffs = config_differences(load_config(ckpt.path / "config.yaml"), self.cfg)
         if diffs:
@@ -167,10 +159,8 @@ class CheckpointStore:
             )
         if state["num_train_rows"] != num_rows:
             raise CheckpointError(f"{ckpt.path}: the training data had {state['num_train_rows']} rows, now {num_rows}: the data changed")
-        params = trainable_parameters(model)
-        restore_parameters(params, _read_shards(ckpt.path / "adapter"))
         groups = json.loads((ckpt.path / "optimizer" / "param_groups.json").read_text())
-        restore_optimizer(optimizer, params, _read_shards(ckpt.path / "optimizer"), groups)
+        access.restore(trainable_parameters(model), _read_shards(ckpt.path / "adapter"), _read_shards(ckpt.path / "optimizer"), groups)
         scheduler.load_state_dict(json.loads((ckpt.path / "scheduler.json").read_text()))
         rng_file = ckpt.path / "rng" / f"rank-{self.acc.process_index:05d}.safetensors"
         if rng_file.is_file():

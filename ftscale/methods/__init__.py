@@ -40,6 +40,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig) -> N
     save_adapter_config(model, out_dir, cfg)
 
 
+def check_saved_adapter(out_dir: str | Path, trainable_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse an adapter file with no tensors or empty ones (a known failure of other tools under ZeRO-3:
+    40-byte adapter files, shape-[0] tensors). `trainable_shapes` are the live shapes, taken while gathered."""
+    from safetensors import safe_open
+
+    path = Path(out_dir) / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    empty = [k for k, shape in {**shapes, **trainable_shapes}.items() if 0 in shape]
+    if not shapes or empty:
+        raise RuntimeError(f"{path}: the adapter is empty or has empty tensors ({empty[:3] or 'no tensors'}): it was not gathered before saving")
+
+
 def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
     if is_bottleneck_adapter(adapter_dir):
         return load_bottleneck(base, adapter_dir)

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,9 +19,11 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 
 from ftscale.checkpoint import CheckpointStore, Preempted, PreemptionWatcher
+from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
-from ftscale.methods import attach_adapter, save_adapter, save_adapter_config, trainable_parameter_count
+from ftscale.distributed.zero import configure_deepspeed, gathered, is_deepspeed
+from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config, trainable_parameter_count
 from ftscale.model.loading import load_base_model, load_tokenizer
 from ftscale.training.metrics import MetricLogger
 from ftscale.training.optim import build_optimizer, build_scheduler
@@ -43,12 +44,18 @@ class SFTRecipe:
         cfg = self.cfg
         if cfg.training.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        # Without CUDA, processes form a gloo group on the CPU. Accelerate needs cpu=True for that, except under
+        # DeepSpeed, which it disables when cpu=True: there the backend must be named instead.
+        cpu_only = not torch.cuda.is_available()
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+        group = InitProcessGroupKwargs(
+            timeout=timedelta(seconds=cfg.distributed.collective_timeout_s), backend="gloo" if cpu_only and deepspeed else None
+        )
         self.accelerator = Accelerator(
-            # Without CUDA, torchrun-launched processes form a gloo group on CPU (accelerate needs cpu=True for that);
-            # DeepSpeed brings its own CPU accelerator, and accelerate disables DeepSpeed when cpu=True.
-            cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true",
+            cpu=cpu_only and not deepspeed,
             mixed_precision=MIXED_PRECISION[cfg.training.precision],
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.collective_timeout_s))],
+            gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+            kwargs_handlers=[group],
         )
         logging.basicConfig(
             level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
@@ -99,6 +106,8 @@ class SFTRecipe:
     def _setup_optimizer(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, self.cfg.training, self.accelerator.device)
+        if is_deepspeed(self.accelerator):
+            configure_deepspeed(self.accelerator, self.cfg.training)
         # The scheduler stays outside accelerate.prepare: it is stepped exactly once per optimizer step.
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = build_scheduler(optimizer, self.cfg.training, self.total_steps)
@@ -110,15 +119,12 @@ class SFTRecipe:
         ckpt = self.store.find_resume()
         if ckpt is not None:
             state = self.store.load(
-                ckpt, self.accelerator.unwrap_model(self.model), self._torch_optimizer(), self.scheduler,
+                ckpt, self.accelerator.unwrap_model(self.model), state_access(self.optimizer, self.accelerator), self.scheduler,
                 self.rows_per_step, len(self.train_rows),
             )
             self.start_step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.history, self.eval_loss_before = state["history"], state["eval_loss_before"]
         self.store.clear_preempted()
-
-    def _torch_optimizer(self) -> torch.optim.Optimizer:
-        return getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
 
     # ---- data order --------------------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
@@ -162,11 +168,14 @@ class SFTRecipe:
             # however the step is split into micro-batches and processes (DDP averages over processes).
             step_tokens = self._global_sum(sum(counts))
             loss_sum = 0.0
-            for k, (batch, count) in enumerate(zip(batches, counts)):
-                sync = k == len(batches) - 1
-                with nullcontext() if sync else acc.no_sync(self.model):
+            for batch, count in zip(batches, counts):
+                # accumulate() syncs gradients (DDP) or marks the boundary (DeepSpeed) on the last micro-batch.
+                with acc.accumulate(self.model):
                     out = self.model(**{n: v.to(acc.device) for n, v in batch.items()}, use_cache=False)
-                    acc.backward(out.loss * (count * acc.num_processes / step_tokens))
+                    # backward() divides by the accumulation steps (as DeepSpeed's engine does); the token
+                    # normalisation already covers every micro-batch, so that division is undone here.
+                    accum = cfg.training.gradient_accumulation_steps
+                    acc.backward(out.loss * (count * acc.num_processes * accum / step_tokens))
                 loss_sum += out.loss.detach().item() * count
                 session_tokens += batch["input_ids"].numel()
             grad_norm = None
@@ -218,7 +227,8 @@ class SFTRecipe:
             "tokens_seen": self.tokens_seen,
         }
         return self.store.save(
-            step, model, self._torch_optimizer(), self.scheduler, state, lambda out: save_adapter_config(model, out, self.cfg)
+            step, model, state_access(self.optimizer, self.accelerator), self.scheduler, state,
+            lambda out: save_adapter_config(model, out, self.cfg),
         )
 
     @torch.no_grad()
@@ -244,11 +254,16 @@ class SFTRecipe:
 
     # ---- outputs -----------------------------------------------------------------------------------------------
     def save_adapter(self) -> Path:
+        """Write the adapter from rank 0. Under ZeRO-3 only the trainable parameters are gathered for it."""
         out = self.out / "adapter"
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            save_adapter(self.accelerator.unwrap_model(self.model), out, self.cfg)
-            self.tokenizer.save_pretrained(out)
+        with gathered(trainable, self.accelerator):
+            if self.accelerator.is_main_process:
+                save_adapter(model, out, self.cfg)
+                self.tokenizer.save_pretrained(out)
+                check_saved_adapter(out, {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
         self.accelerator.wait_for_everyone()
         return out
 

@@ -1,0 +1,1 @@
+"""Backend specifics that Accelerate leaves to the training code (DeepSpeed ZeRO configuration and gathering)."""

@@ -1,0 +1,42 @@
+"""DeepSpeed ZeRO: fill its config from the recipe, and gather sharded trainable parameters for saving.
+
+The recipe stays the single source of truth: micro-batch size, accumulation and clipping come from the ftscale
+config, so an accelerate/DeepSpeed file cannot silently disagree with it."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from accelerate.utils import DistributedType
+from torch import nn
+
+from ftscale.config.training import TrainingConfig
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int | None:
+    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None
+
+
+def configure_deepspeed(accelerator, training: TrainingConfig) -> None:
+    """Write the recipe's batch, accumulation and clipping settings into DeepSpeed's config before `prepare`."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = training.micro_batch_size
+    ds["gradient_accumulation_steps"] = training.gradient_accumulation_steps
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
+    ds["gradient_clipping"] = training.max_grad_norm or 0.0
+    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, the same optimizer every backend uses
+
+
+def gathered(params: list[nn.Parameter], accelerator, modify: bool = False):
+    """Context in which every rank sees the full values of `params` (ZeRO-3 shards them; other backends don't).
+    With modify=True, rank 0's changes inside the context are scattered back on exit. Collective: every rank
+    must enter it."""
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+    return nullcontext()
