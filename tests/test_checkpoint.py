@@ -155,6 +155,20 @@ def test_checkpoint_holds_only_adapter_and_optimizer_state(reference):
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 40
 
 
+def test_wall_clock_saves_and_data_position(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"training.max_steps": 8, "checkpoint.every_minutes": 1e-6, "checkpoint.keep_last": 100})))
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    steps = [c.step for c in complete_checkpoints(out / "checkpoints", checksums=True)]
+    assert steps == list(range(1, 9))  # every step is past the (tiny) interval
+    state = json.loads((out / "checkpoints/step-00000005/trainer_state.json").read_text())
+    rows, per_step = state["num_train_rows"], state["rows_per_step"]
+    steps_per_epoch = rows // per_step
+    assert (state["epoch"], state["sample_offset"]) == (5 // steps_per_epoch, (5 % steps_per_epoch) * per_step)
+
+
 def _resume_with(model_dir, data, out, **changes):
     return run([sys.executable, "-m", "ftscale.cli", "train", *tiny_overrides(model_dir, data, out, **{**SLOW_ENOUGH, **changes})])
 

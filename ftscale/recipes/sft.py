@@ -217,8 +217,12 @@ class SFTRecipe:
 
     def save_checkpoint(self, step: int):
         model = self.accelerator.unwrap_model(self.model)
+        epoch, index = divmod(step, self.steps_per_epoch)
         state = {
             "step": step,
+            # The data position: the order within an epoch is a seeded permutation, so (epoch, offset) is exact.
+            "epoch": epoch,
+            "sample_offset": index * self.rows_per_step,
             "rows_per_step": self.rows_per_step,
             "world_size": self.accelerator.num_processes,
             "num_train_rows": len(self.train_rows),
