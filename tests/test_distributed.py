@@ -20,17 +20,22 @@ from ftscale.model.loading import load_base_model
 from ftscale.recipes.sft import SFTRecipe
 
 from conftest import REPO, tiny_overrides
-from test_checkpoint import ddp_cmd, history, run, train_cmd
+from test_checkpoint import ddp_cmd, history, launch_cmd, run, train_cmd
 from test_methods import METHOD_SETTINGS
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "prompt_tuning", "bottleneck"])
-def test_ddp_trains_and_the_adapter_reloads_in_one_process(method, tiny_model_dir, tiny_data, tmp_path):
+MATRIX = [("ddp", "lora"), ("ddp", "qlora"), ("ddp", "prompt_tuning"), ("ddp", "bottleneck"),
+          ("zero2", "lora"), ("zero2", "qlora"), ("zero3", "lora")]
+BACKEND_NAMES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+
+
+@pytest.mark.parametrize("backend, method", MATRIX, ids=[f"{b}-{m}" for b, m in MATRIX])
+def test_trains_and_the_adapter_reloads_in_one_process(backend, method, tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
     settings = {"method.name": method, "training.max_steps": 4, **METHOD_SETTINGS[method]}
-    proc = run(ddp_cmd(tiny_model_dir, tiny_data, out, **settings))
+    proc = run(launch_cmd(backend, tiny_model_dir, tiny_data, out, **settings))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "backend MULTI_CPU: 2 processes" in proc.stderr
+    assert f"backend {BACKEND_NAMES[backend]}: 2 processes" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     # One process, the saved adapter: the same held-out loss the 2-process model reported at the end.
@@ -39,6 +44,39 @@ def test_ddp_trains_and_the_adapter_reloads_in_one_process(method, tiny_model_di
     recipe.model = load_adapter(load_base_model(recipe.cfg, torch.device("cpu")), out / "adapter")
     assert recipe.evaluate() == pytest.approx(summary["eval_loss_after"], rel=1e-5)
     recipe.cleanup()
+
+
+def test_zero3_follows_the_ddp_loss_curve(tiny_model_dir, tiny_data, tmp_path):
+    settings = {"training.micro_batch_size": 2, "training.max_steps": 5, "training.gradient_accumulation_steps": 2}
+    ddp = run(launch_cmd("ddp", tiny_model_dir, tiny_data, tmp_path / "ddp", **settings))
+    zero3 = run(launch_cmd("zero3", tiny_model_dir, tiny_data, tmp_path / "zero3", **settings))
+    assert ddp.returncode == 0 and zero3.returncode == 0, (ddp.stderr[-2000:], zero3.stderr[-2000:])
+    torch.testing.assert_close(torch.tensor(history(tmp_path / "zero3")), torch.tensor(history(tmp_path / "ddp")), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config, extra, message",
+    [
+        ("zero3-offload", {}, "offloads DeepSpeed state to CPU/NVMe, but there is no GPU"),
+        ("zero3", {"method.name": "qlora"}, "QLoRA under DeepSpeed ZeRO-3 is not supported yet"),
+    ],
+)
+def test_impossible_backend_combinations_fail_before_loading(config, extra, message, tiny_model_dir, tiny_data, tmp_path):
+    proc = run(launch_cmd(config, tiny_model_dir, tiny_data, tmp_path / "run", **extra))
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Loading weights" not in proc.stderr  # refused before any model was loaded
+
+
+def test_fsdp_without_cuda_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nnum_machines: 1\n"
+        "num_processes: 2\nmachine_rank: 0\nuse_cpu: false\nmixed_precision: 'no'\n"
+    )
+    cmd = launch_cmd("ddp", tiny_model_dir, tiny_data, tmp_path / "run")
+    cmd[cmd.index("--config_file") + 1] = str(config)
+    proc = run(cmd)
+    assert proc.returncode != 0 and "selects FSDP, which accelerate enables only on CUDA devices" in proc.stderr
 
 
 def test_two_processes_follow_the_one_process_loss_curve(tiny_model_dir, tiny_data, tmp_path):

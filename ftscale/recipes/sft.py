@@ -22,6 +22,7 @@ from ftscale.checkpoint import CheckpointStore, Preempted, PreemptionWatcher
 from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
+from ftscale.distributed.checks import check_launch, check_process_group
 from ftscale.distributed.zero import configure_deepspeed, gathered, is_deepspeed
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config, trainable_parameter_count
 from ftscale.model.loading import load_base_model, load_tokenizer
@@ -44,15 +45,16 @@ class SFTRecipe:
         cfg = self.cfg
         if cfg.training.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        check_launch(cfg)
         # Without CUDA, processes form a gloo group on the CPU. Accelerate needs cpu=True for that, except under
-        # DeepSpeed, which it disables when cpu=True: there the backend must be named instead.
+        # DeepSpeed and FSDP, which it disables when cpu=True: there the backend must be named instead.
         cpu_only = not torch.cuda.is_available()
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+        sharded = any(os.environ.get(f"ACCELERATE_USE_{b}", "false") == "true" for b in ("DEEPSPEED", "FSDP"))
         group = InitProcessGroupKwargs(
-            timeout=timedelta(seconds=cfg.distributed.collective_timeout_s), backend="gloo" if cpu_only and deepspeed else None
+            timeout=timedelta(seconds=cfg.distributed.collective_timeout_s), backend="gloo" if cpu_only and sharded else None
         )
         self.accelerator = Accelerator(
-            cpu=cpu_only and not deepspeed,
+            cpu=cpu_only and not sharded,
             mixed_precision=MIXED_PRECISION[cfg.training.precision],
             gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
             kwargs_handlers=[group],
@@ -63,6 +65,7 @@ class SFTRecipe:
             datefmt="%H:%M:%S",
         )
         acc = self.accelerator
+        check_process_group(acc)
         log.info("backend %s: %d processes, device %s", acc.distributed_type.value, acc.num_processes, acc.device)
         set_seed(cfg.training.seed)
         self.preemption = PreemptionWatcher()

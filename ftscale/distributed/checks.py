@@ -1,0 +1,45 @@
+"""Refuse launch set-ups that cannot work, before any model is loaded, naming what to change."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ftscale.config import ConfigError, FtscaleConfig
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").lower()
+
+
+def check_launch(cfg: FtscaleConfig) -> None:
+    """Combinations of the accelerate launch config and the recipe that cannot work. Called on every rank."""
+    cuda = torch.cuda.is_available()
+    if _env("ACCELERATE_USE_FSDP") == "true" and not cuda:
+        raise ConfigError(
+            "the accelerate config selects FSDP, which accelerate enables only on CUDA devices: on a CPU-only machine "
+            "use configs/accelerate/ddp.yaml or configs/accelerate/zero2.yaml / zero3.yaml"
+        )
+    offload = {_env("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"), _env("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")}
+    if _env("ACCELERATE_USE_DEEPSPEED") == "true" and not cuda and offload & {"cpu", "nvme"}:
+        raise ConfigError(
+            "the accelerate config offloads DeepSpeed state to CPU/NVMe, but there is no GPU to offload from: "
+            "use configs/accelerate/zero3.yaml (no offload) on a CPU-only machine"
+        )
+    if _env("ACCELERATE_USE_DEEPSPEED") == "true" and cfg.method.name == "qlora" and _env("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ConfigError(
+            "QLoRA under DeepSpeed ZeRO-3 is not supported yet (the 4-bit weights are used before ZeRO gathers them): "
+            "use configs/accelerate/ddp.yaml for QLoRA, or method.name=lora under ZeRO-3"
+        )
+
+
+def check_process_group(accelerator) -> None:
+    """Several launched processes must form one group; otherwise each would train alone and overwrite the others."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"{launched} processes were launched but accelerate formed a group of {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}): check the accelerate config's distributed_type and use_cpu "
+            "(configs/accelerate/ddp.yaml shows a working multi-process set-up)"
+        )
