@@ -16,6 +16,8 @@ def _env(name: str) -> str:
 def check_launch(cfg: FtscaleConfig) -> None:
     """Combinations of the accelerate launch config and the recipe that cannot work. Called on every rank."""
     cuda = torch.cuda.is_available()
+    if cfg.training.precision == "fp16" and not cuda:
+        raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
     if _env("ACCELERATE_USE_FSDP") == "true" and not cuda:
         raise ConfigError(
             "the accelerate config selects FSDP, which accelerate enables only on CUDA devices: on a CPU-only machine "

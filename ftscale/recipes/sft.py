@@ -1,28 +1,26 @@
 """The supervised fine-tuning recipe: one training script for every method and every backend.
 
 Shape (as torchtune's recipes): setup() -> _setup_data(), _setup_model(), _setup_optimizer(), _resume(); then
-train(), evaluate(), save_checkpoint(), save_adapter(), cleanup(); `recipe_main(cfg)` runs them. Accelerate supplies the process group and the
-backend (single process, DDP, FSDP2, DeepSpeed) chosen by `accelerate launch --config_file`."""
+train(), evaluate(), save_checkpoint(), save_adapter(), cleanup(); `recipe_main(cfg)` runs them. Accelerate
+supplies the process group and the backend (one process, DDP, DeepSpeed ZeRO) chosen by `accelerate launch
+--config_file`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 
 from ftscale.checkpoint import CheckpointStore, Preempted, PreemptionWatcher
 from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
-from ftscale.distributed.checks import check_launch, check_process_group
+from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.zero import configure_deepspeed, gathered, is_deepspeed
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config, trainable_parameter_count
 from ftscale.model.loading import load_base_model, load_tokenizer
@@ -30,9 +28,6 @@ from ftscale.training.metrics import MetricLogger
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
-
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
 
 class SFTRecipe:
     def __init__(self, cfg: FtscaleConfig):
@@ -43,29 +38,13 @@ class SFTRecipe:
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.training.precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
-        check_launch(cfg)
-        # Without CUDA, processes form a gloo group on the CPU. Accelerate needs cpu=True for that, except under
-        # DeepSpeed and FSDP, which it disables when cpu=True: there the backend must be named instead.
-        cpu_only = not torch.cuda.is_available()
-        sharded = any(os.environ.get(f"ACCELERATE_USE_{b}", "false") == "true" for b in ("DEEPSPEED", "FSDP"))
-        group = InitProcessGroupKwargs(
-            timeout=timedelta(seconds=cfg.distributed.collective_timeout_s), backend="gloo" if cpu_only and sharded else None
-        )
-        self.accelerator = Accelerator(
-            cpu=cpu_only and not sharded,
-            mixed_precision=MIXED_PRECISION[cfg.training.precision],
-            gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-            kwargs_handlers=[group],
-        )
+        self.accelerator = build_accelerator(cfg)
         logging.basicConfig(
             level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
             format=f"%(asctime)s [rank {self.accelerator.process_index}] %(message)s",
             datefmt="%H:%M:%S",
         )
         acc = self.accelerator
-        check_process_group(acc)
         log.info("backend %s: %d processes, device %s", acc.distributed_type.value, acc.num_processes, acc.device)
         set_seed(cfg.training.seed)
         self.preemption = PreemptionWatcher()
