@@ -29,11 +29,6 @@ def check_launch(cfg: FtscaleConfig) -> None:
             "the accelerate config offloads DeepSpeed state to CPU/NVMe, but there is no GPU to offload from: "
             "use configs/accelerate/zero3.yaml (no offload) on a CPU-only machine"
         )
-    if _env("ACCELERATE_USE_DEEPSPEED") == "true" and cfg.method.name == "qlora" and _env("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ConfigError(
-            "QLoRA under DeepSpeed ZeRO-3 is not supported yet (the 4-bit weights are used before ZeRO gathers them): "
-            "use configs/accelerate/ddp.yaml for QLoRA, or method.name=lora under ZeRO-3"
-        )
 
 
 def check_process_group(accelerator) -> None:

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from accelerate.utils import DistributedType
 from torch import nn
 
+from ftscale.config.distributed import DistributedConfig
 from ftscale.config.training import TrainingConfig
 
 
@@ -21,9 +22,11 @@ def zero_stage(accelerator) -> int | None:
     return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None
 
 
-def configure_deepspeed(accelerator, training: TrainingConfig) -> None:
+def configure_deepspeed(accelerator, training: TrainingConfig, distributed: DistributedConfig) -> None:
     """Write the recipe's batch, accumulation and clipping settings into DeepSpeed's config before `prepare`."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if distributed.zero3_persistence_threshold is not None:
+        ds.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = distributed.zero3_persistence_threshold
     ds["train_micro_batch_size_per_gpu"] = training.micro_batch_size
     ds["gradient_accumulation_steps"] = training.gradient_accumulation_steps
     ds.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
@@ -40,3 +43,16 @@ def gathered(params: list[nn.Parameter], accelerator, modify: bool = False):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
     return nullcontext()
+
+
+def frozen_bytes_on_this_rank(model: nn.Module) -> tuple[int, int]:
+    """(bytes of frozen parameters this rank holds, bytes of all frozen parameters): under ZeRO-3 the first is
+    this rank's partition, elsewhere the two are equal."""
+    local = full = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        size = p.element_size()
+        full += getattr(p, "ds_numel", p.numel()) * size
+        local += (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * size
+    return local, full

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ftscale.config import FtscaleConfig
 from ftscale.config.model import ModelConfig
@@ -44,7 +45,8 @@ def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | 
         dtype=DTYPES[cfg.model.dtype] if quant is None else DTYPES[cfg.method.quantization.compute_dtype],
         attn_implementation=cfg.model.attn_implementation,
         quantization_config=quant,
-        device_map={"": device} if quant is not None else None,
+        # ZeRO-3 places (and partitions) the weights itself and refuses a device_map.
+        device_map={"": device} if quant is not None and not is_deepspeed_zero3_enabled() else None,
         trust_remote_code=cfg.model.trust_remote_code,
     )
     if quant is None:

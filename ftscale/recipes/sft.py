@@ -21,7 +21,7 @@ from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
 from ftscale.distributed.accelerator import build_accelerator
-from ftscale.distributed.zero import configure_deepspeed, gathered, is_deepspeed
+from ftscale.distributed.zero import configure_deepspeed, frozen_bytes_on_this_rank, gathered, is_deepspeed
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config, trainable_parameter_count
 from ftscale.model.loading import load_base_model, load_tokenizer
 from ftscale.training.metrics import MetricLogger
@@ -89,9 +89,11 @@ class SFTRecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, self.cfg.training, self.accelerator.device)
         if is_deepspeed(self.accelerator):
-            configure_deepspeed(self.accelerator, self.cfg.training)
+            configure_deepspeed(self.accelerator, self.cfg.training, self.cfg.distributed)
         # The scheduler stays outside accelerate.prepare: it is stepped exactly once per optimizer step.
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        local, full = frozen_bytes_on_this_rank(self.accelerator.unwrap_model(self.model))
+        log.info("frozen base: %d of %d bytes held by rank %d", local, full, self.accelerator.process_index)
         self.scheduler = build_scheduler(optimizer, self.cfg.training, self.total_steps)
 
     def _resume(self) -> None:
