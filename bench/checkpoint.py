@@ -36,7 +36,7 @@ def main() -> None:
         recipe.setup()
         recipe.train()  # writes step 1
         save_s, load_s = [], []
-        for i in range(args.repeats):
+        for _ in range(args.repeats):
             t = time.perf_counter()
             path = recipe.save_checkpoint(1)
             save_s.append(time.perf_counter() - t)

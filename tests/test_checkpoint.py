@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -247,7 +246,7 @@ def test_resume_with_another_number_of_processes_or_backend(first, second, tiny_
     resumed = run(cmd(second, tmp_path / "split"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"written by {BACKENDS[first][1]} processes" in resumed.stderr
-    written = verify(tmp_path / f"whole/checkpoints/step-00000008", checksums=True).manifest["world_size"]
+    written = verify(tmp_path / "whole/checkpoints/step-00000008", checksums=True).manifest["world_size"]
     assert written == BACKENDS[first][1]
     # Gradients are reduced in another order across processes: equal up to float rounding.
     torch.testing.assert_close(torch.tensor(history(tmp_path / "split")), torch.tensor(history(tmp_path / "whole")), rtol=1e-5, atol=1e-6)

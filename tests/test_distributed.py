@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from ftscale.config import load_config
-from ftscale.data import collate
 from ftscale.methods import load_adapter
 from ftscale.model.loading import load_base_model
 from ftscale.recipes.sft import SFTRecipe

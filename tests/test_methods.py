@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ftscale.config import PROMPT_METHODS, load_config
+from ftscale.config import load_config
 from ftscale.data import collate
 from ftscale.methods import load_adapter
 from ftscale.model.loading import load_base_model
