@@ -93,6 +93,23 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes_bit_identical(sig, ref
     assert_same_adapter(adapter(out), adapter(reference))
 
 
+def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    settings = {**SLOW_ENOUGH, "logging.wandb.mode": "offline"}
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "checkpoints/step-00000003", proc)
+    proc.send_signal(signal.SIGUSR1)
+    proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE
+    resumed = run(train_cmd(tiny_model_dir, tiny_data, out, **settings))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run_id = (out / "wandb-run-id").read_text()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    fresh = run(train_cmd(tiny_model_dir, tiny_data, out, **{**settings, "checkpoint.resume": "none", "training.max_steps": 2}))
+    assert fresh.returncode == 0 and (out / "wandb-run-id").read_text() != run_id  # a fresh start is a new W&B run
+
+
 def test_kill_9_at_random_moments_always_resumes_from_newest_complete(reference, tiny_model_dir, tiny_data, tmp_path):
     out, rng = tmp_path / "run", random.Random(7)
     settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -28,7 +29,19 @@ class MetricLogger:
                 dir=str(out),
                 mode=wb.mode,
                 config=cfg.model_dump(mode="json"),
+                id=self._run_id(out, cfg.checkpoint.resume != "none"),
+                resume="allow",
             )
+
+    @staticmethod
+    def _run_id(out: Path, resuming: bool) -> str:
+        """The W&B run id, kept in the output folder so a resumed (or requeued) run continues the same W&B run."""
+        id_file = out / "wandb-run-id"
+        if resuming and id_file.is_file():
+            return id_file.read_text().strip()
+        run_id = secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics
+        id_file.write_text(run_id)
+        return run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
