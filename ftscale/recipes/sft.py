@@ -34,6 +34,8 @@ class SFTRecipe:
         self.cfg = cfg
         self.out = Path(cfg.training.output_dir)
         self.history: list[dict[str, float]] = []
+        self._order: list[int] = []  # this epoch's row order (see _micro_batches)
+        self._order_epoch: int | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -118,7 +120,10 @@ class SFTRecipe:
         split by rank. So N processes with batch B see exactly the rows one process with batch N*B sees."""
         t, acc = self.cfg.training, self.accelerator
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
+        if self._order_epoch != epoch:  # one permutation per epoch, not per step
+            generator = torch.Generator().manual_seed(t.seed + epoch)
+            self._order, self._order_epoch = torch.randperm(len(self.train_rows), generator=generator).tolist(), epoch
+        order = self._order
         batches = []
         for k in range(t.gradient_accumulation_steps):
             start = (index * t.gradient_accumulation_steps + k) * t.micro_batch_size * acc.num_processes
