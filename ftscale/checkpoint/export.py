@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftscale.checkpoint.layout import CheckpointError, verify
 from ftscale.checkpoint.state import trainable_parameters
-from ftscale.checkpoint.store import _read_shards
+from ftscale.checkpoint.store import read_shards
 from ftscale.config import load_config
 from ftscale.methods import attach_adapter, save_adapter
 
@@ -32,7 +32,7 @@ def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(base_config)
     model = attach_adapter(base, cfg)
-    tensors = _read_shards(ckpt.path / "adapter")
+    tensors = read_shards(ckpt.path / "adapter")
     expected = set(trainable_parameters(model))
     if expected != set(tensors):
         first = sorted(expected ^ set(tensors))[0]

@@ -43,10 +43,14 @@ def optimizer_groups(optimizer: torch.optim.Optimizer, params: dict[str, nn.Para
     return [{**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
 
 
-def restore_parameters(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+def check_complete(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise KeyError(f"checkpoint has no values for {len(missing)} trainable parameters, first: {missing[0]}")
+
+
+def restore_parameters(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    check_complete(params, tensors)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
@@ -168,9 +172,7 @@ class DeepSpeedAccess:
 
         from ftscale.distributed.zero import gathered
 
-        missing = sorted(set(params) - set(param_tensors))
-        if missing:
-            raise KeyError(f"checkpoint has no values for {len(missing)} trainable parameters, first: {missing[0]}")
+        check_complete(params, param_tensors)
         self._create_optimizer_state()
         for name in sorted(params):
             p = params[name]

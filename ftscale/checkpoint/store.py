@@ -56,7 +56,7 @@ def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.safetensors"
 
 
-def _read_shards(folder: Path) -> dict[str, torch.Tensor]:
+def read_shards(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in sorted(folder.glob("shard-*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
@@ -160,7 +160,7 @@ class CheckpointStore:
         if state["num_train_rows"] != num_rows:
             raise CheckpointError(f"{ckpt.path}: the training data had {state['num_train_rows']} rows, now {num_rows}: the data changed")
         groups = json.loads((ckpt.path / "optimizer" / "param_groups.json").read_text())
-        access.restore(trainable_parameters(model), _read_shards(ckpt.path / "adapter"), _read_shards(ckpt.path / "optimizer"), groups)
+        access.restore(trainable_parameters(model), read_shards(ckpt.path / "adapter"), read_shards(ckpt.path / "optimizer"), groups)
         scheduler.load_state_dict(json.loads((ckpt.path / "scheduler.json").read_text()))
         rng_file = ckpt.path / "rng" / f"rank-{self.acc.process_index:05d}.safetensors"
         if rng_file.is_file():
