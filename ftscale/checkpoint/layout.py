@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftscale.errors import FtscaleError
+
 log = logging.getLogger("ftscale")
 
 FORMAT_VERSION = 1
@@ -24,7 +26,7 @@ PREEMPTED = "PREEMPTED"
 STEP_DIR = re.compile(r"step-(\d{8})")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FtscaleError, RuntimeError):
     """A checkpoint that cannot be used; the message says which and why."""
 
 

@@ -135,7 +135,10 @@ class DeepSpeedAccess:
         return tuple(getattr(p, "ds_shape", p.shape))
 
     def collect(self, params: dict[str, nn.Parameter], mine: list[str]) -> tuple[dict, dict]:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+        )
 
         states = self._inner_states()
         step = states[0]["step"].detach().cpu().float().reshape(()) if states else torch.tensor(0.0)
@@ -168,7 +171,10 @@ class DeepSpeedAccess:
             self.zero._lazy_init_hp_params_optimizer_state()
 
     def restore(self, params, param_tensors, optim_tensors, groups) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
 
         from ftscale.distributed.zero import gathered
 

@@ -26,7 +26,12 @@ from ftscale.checkpoint.layout import (
     write_atomically,
     write_manifest,
 )
-from ftscale.checkpoint.state import owned_names, restore_rng, rng_state, trainable_parameters
+from ftscale.checkpoint.state import (
+    owned_names,
+    restore_rng,
+    rng_state,
+    trainable_parameters,
+)
 from ftscale.config import FtscaleConfig, load_config, render_config
 
 log = logging.getLogger("ftscale")

@@ -11,9 +11,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ftscale.config.root import FtscaleConfig
+from ftscale.errors import FtscaleError
 
 
-class ConfigError(ValueError):
+class ConfigError(FtscaleError, ValueError):
     """A config that cannot be used; the message names the file, line and key and says what to change."""
 
 

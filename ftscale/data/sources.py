@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ftscale.config.data import DataSource
+from ftscale.errors import FtscaleError
 
 
-class DataError(ValueError):
+class DataError(FtscaleError, ValueError):
     """Unusable data; the message names the file and line (or row) and what is wrong."""
 
 

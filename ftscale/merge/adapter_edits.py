@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ftscale.methods.bottleneck import is_bottleneck_adapter
+from ftscale.errors import FtscaleError
 from ftscale.merge.safetensors_stream import read_header, read_tensor
+from ftscale.methods.bottleneck import is_bottleneck_adapter
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 PREFIX = "base_model.model."
@@ -25,7 +26,7 @@ NOT_MERGEABLE = {
 }
 
 
-class MergeError(ValueError):
+class MergeError(FtscaleError, ValueError):
     """The adapter cannot be merged into this base; the message says why and what to do instead."""
 
 

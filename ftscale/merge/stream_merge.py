@@ -17,7 +17,12 @@ import torch
 from tqdm import tqdm
 
 from ftscale.merge.adapter_edits import AdapterEdits, MergeError, read_adapter_edits
-from ftscale.merge.safetensors_stream import StreamingSafetensorsWriter, TensorInfo, read_header, read_tensor
+from ftscale.merge.safetensors_stream import (
+    StreamingSafetensorsWriter,
+    TensorInfo,
+    read_header,
+    read_tensor,
+)
 
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|msgpack|h5)$|.*\.safetensors\.index\.json$|.*\.bin\.index\.json$")

@@ -8,7 +8,11 @@ from pathlib import Path
 from torch import nn
 
 from ftscale.config import FtscaleConfig
-from ftscale.methods.bottleneck import BottleneckModel, is_bottleneck_adapter, load_bottleneck
+from ftscale.methods.bottleneck import (
+    BottleneckModel,
+    is_bottleneck_adapter,
+    load_bottleneck,
+)
 from ftscale.methods.peft_methods import peft_config
 
 

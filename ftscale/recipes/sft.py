@@ -21,8 +21,19 @@ from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
 from ftscale.distributed.accelerator import build_accelerator
-from ftscale.distributed.zero import configure_deepspeed, frozen_bytes_on_this_rank, gathered, is_deepspeed
-from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config, trainable_parameter_count
+from ftscale.distributed.zero import (
+    configure_deepspeed,
+    frozen_bytes_on_this_rank,
+    gathered,
+    is_deepspeed,
+)
+from ftscale.methods import (
+    attach_adapter,
+    check_saved_adapter,
+    save_adapter,
+    save_adapter_config,
+    trainable_parameter_count,
+)
 from ftscale.model.loading import load_base_model, load_tokenizer
 from ftscale.training.metrics import MetricLogger
 from ftscale.training.optim import build_optimizer, build_scheduler
