@@ -240,16 +240,16 @@ def ddp_cmd(model_dir, data, out, **extra) -> list[str]:
     return launch_cmd("ddp", model_dir, data, out, **extra)
 
 
-BACKENDS = {"1": (None, 1), "ddp": ("ddp", 2), "zero2": ("zero2", 2), "zero3": ("zero3", 2)}
+BACKENDS = {"1": (None, 1), "ddp": ("ddp", 2), "fsdp2": ("fsdp2", 2), "zero2": ("zero2", 2), "zero3": ("zero3", 2)}
 
 
 @pytest.mark.parametrize(
-    "first, second", [("1", "ddp"), ("ddp", "1"), ("zero2", "1"), ("1", "zero3"), ("zero3", "zero2")],
+    "first, second", [("1", "ddp"), ("ddp", "1"), ("zero2", "1"), ("1", "zero3"), ("zero3", "zero2"), ("fsdp2", "1"), ("ddp", "fsdp2")],
     ids=lambda v: v,
 )
 def test_resume_with_another_number_of_processes_or_backend(first, second, tiny_model_dir, tiny_data, tmp_path):
     """Same global batch (4 rows per step), split as 1 process x 4 rows or 2 processes x 2 rows, under one process,
-    DDP or DeepSpeed ZeRO-2/3: a checkpoint written by one resumes under another."""
+    DDP, FSDP2 or DeepSpeed ZeRO-2/3: a checkpoint written by one resumes under another."""
     base = {"training.max_steps": 8, "checkpoint.every_steps": 4}
 
     def cmd(backend, out):

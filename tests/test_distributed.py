@@ -24,8 +24,8 @@ from test_methods import METHOD_SETTINGS
 
 
 MATRIX = [("ddp", "lora"), ("ddp", "qlora"), ("ddp", "prompt_tuning"), ("ddp", "bottleneck"),
-          ("zero2", "lora"), ("zero2", "qlora"), ("zero3", "lora"), ("zero3", "qlora")]
-BACKEND_NAMES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+          ("fsdp2", "lora"), ("fsdp2", "qlora"), ("fsdp2", "prompt_tuning"), ("fsdp2", "bottleneck"), ("zero2", "lora"), ("zero2", "qlora"), ("zero3", "lora"), ("zero3", "qlora")]
+BACKEND_NAMES = {"ddp": "MULTI_CPU", "fsdp2": "FSDP2", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 
 
 @pytest.mark.parametrize("backend, method", MATRIX, ids=[f"{b}-{m}" for b, m in MATRIX])
@@ -37,7 +37,7 @@ def test_trains_and_the_adapter_reloads_in_one_process(backend, method, tiny_mod
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"backend {BACKEND_NAMES[backend]}: 2 processes" in proc.stderr
     local, full = map(int, re.search(r"frozen base: (\d+) of (\d+) bytes held by rank 0", proc.stderr).groups())
-    if backend == "zero3":  # the frozen (for QLoRA: 4-bit) base is sharded, not replicated
+    if backend in ("zero3", "fsdp2"):  # the frozen (for QLoRA: 4-bit) base is sharded, not replicated
         assert local <= full // 2 + 4096, (local, full)
     else:
         assert local == full
@@ -51,12 +51,27 @@ def test_trains_and_the_adapter_reloads_in_one_process(backend, method, tiny_mod
     recipe.cleanup()
 
 
-def test_zero3_follows_the_ddp_loss_curve(tiny_model_dir, tiny_data, tmp_path):
-    settings = {"training.micro_batch_size": 2, "training.max_steps": 5, "training.gradient_accumulation_steps": 2}
-    ddp = run(launch_cmd("ddp", tiny_model_dir, tiny_data, tmp_path / "ddp", **settings))
-    zero3 = run(launch_cmd("zero3", tiny_model_dir, tiny_data, tmp_path / "zero3", **settings))
-    assert ddp.returncode == 0 and zero3.returncode == 0, (ddp.stderr[-2000:], zero3.stderr[-2000:])
-    torch.testing.assert_close(torch.tensor(history(tmp_path / "zero3")), torch.tensor(history(tmp_path / "ddp")), rtol=1e-5, atol=1e-6)
+@pytest.fixture(scope="module")
+def ddp_reference(tiny_model_dir, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-reference")
+    proc = run(launch_cmd("ddp", tiny_model_dir, tiny_data, out, **EQUIVALENCE))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+EQUIVALENCE = {"training.micro_batch_size": 2, "training.max_steps": 5, "training.gradient_accumulation_steps": 2}
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_sharded_backends_follow_the_ddp_loss_curve(backend, ddp_reference, tiny_model_dir, tiny_data, tmp_path):
+    proc = run(launch_cmd(backend, tiny_model_dir, tiny_data, tmp_path / backend, **EQUIVALENCE))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(history(tmp_path / backend)), torch.tensor(history(ddp_reference)), rtol=1e-5, atol=1e-6)
+    a = load_file(str(ddp_reference / "adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / backend / "adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -71,16 +86,23 @@ def test_impossible_backend_combinations_fail_before_loading(config, extra, mess
     assert "Loading weights" not in proc.stderr  # refused before any model was loaded
 
 
-def test_fsdp_without_cuda_is_refused(tiny_model_dir, tiny_data, tmp_path):
-    config = tmp_path / "fsdp2.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nnum_machines: 1\n"
-        "num_processes: 2\nmachine_rank: 0\nuse_cpu: false\nmixed_precision: 'no'\n"
-    )
-    cmd = launch_cmd("ddp", tiny_model_dir, tiny_data, tmp_path / "run")
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ("fsdp_offload_params: true", "offloads FSDP parameters to CPU, but there is no GPU"),
+        ("fsdp_version: 1", "selects FSDP version 1: ftscale runs FSDP2; set fsdp_config.fsdp_version: 2"),
+    ],
+)
+def test_impossible_fsdp_settings_fail_before_loading(settings, message, tiny_model_dir, tiny_data, tmp_path):
+    key = settings.split(":")[0]
+    config = tmp_path / "fsdp.yaml"
+    lines = (REPO / "configs/accelerate/fsdp2.yaml").read_text().splitlines()
+    config.write_text("\n".join(f"  {settings}" if line.strip().startswith(key + ":") else line for line in lines))
+    cmd = launch_cmd("fsdp2", tiny_model_dir, tiny_data, tmp_path / "run")
     cmd[cmd.index("--config_file") + 1] = str(config)
     proc = run(cmd)
-    assert proc.returncode != 0 and "selects FSDP, which accelerate enables only on CUDA devices" in proc.stderr
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Loading weights" not in proc.stderr
 
 
 def test_two_processes_follow_the_one_process_loss_curve(tiny_model_dir, tiny_data, tmp_path):

@@ -1,8 +1,9 @@
 """Collect and restore the training state a checkpoint holds: trainable parameters and their AdamW state (keyed
 by parameter name, so any number of processes and any backend can load them), and each rank's RNG.
 
-Two ways to reach that state, one format: `PlainAccess` (one process, DDP: every rank holds full tensors) and
-`DeepSpeedAccess` (ZeRO-1/2/3: fp32 master weights and Adam state live in flat partitions across ranks)."""
+Three ways to reach that state, one format: `PlainAccess` (one process, DDP: every rank holds full tensors),
+`FSDPAccess` (FSDP2: parameters and Adam state are DTensor shards) and `DeepSpeedAccess` (ZeRO-1/2/3: fp32 master
+weights and Adam state live in flat partitions across ranks)."""
 
 from __future__ import annotations
 
@@ -196,9 +197,42 @@ class DeepSpeedAccess:
             live.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
 
 
-def state_access(optimizer, accelerator) -> PlainAccess | DeepSpeedAccess:
+class FSDPAccess(PlainAccess):
+    """FSDP2: each parameter and its Adam moments are DTensor shards. Gathered whole one parameter at a time (the
+    adapter is small) so the format stays the same for every backend; every call is collective."""
+
+    def collect(self, params: dict[str, nn.Parameter], mine: list[str]) -> tuple[dict, dict]:
+        from ftscale.distributed.fsdp import full_tensor
+
+        owned, param_out, optim_out = set(mine), {}, {}
+        for name in sorted(params):
+            value = full_tensor(params[name].detach())
+            moments = {k: full_tensor(v) for k, v in self.optimizer.state.get(params[name], {}).items()}
+            if name in owned:
+                param_out[name] = value.cpu().contiguous()
+                for k, v in moments.items():
+                    optim_out[f"{name}{SEP}{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        return param_out, optim_out
+
+    def restore(self, params, param_tensors, optim_tensors, groups) -> None:
+        from ftscale.distributed.fsdp import shard_like
+
+        check_complete(params, param_tensors)
+        restore_parameters(params, {n: shard_like(param_tensors[n], p) for n, p in params.items()})
+        # Moments are laid out like their parameter; the step count is a plain scalar.
+        moments = {}
+        for key, value in optim_tensors.items():
+            name, field = key.split(SEP)
+            moments[key] = shard_like(value, params[name]) if field in OPTIMIZER_KEYS else value
+        restore_optimizer(self.optimizer, params, moments, groups)
+
+
+def state_access(optimizer, accelerator, model: nn.Module) -> PlainAccess | FSDPAccess | DeepSpeedAccess:
     """The state access for this run's backend; `optimizer` is what accelerate.prepare returned."""
+    from ftscale.distributed.fsdp import is_sharded
     from ftscale.distributed.zero import is_deepspeed
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> torch or DeepSpeed's optimizer
-    return DeepSpeedAccess(inner, accelerator) if is_deepspeed(accelerator) else PlainAccess(inner)
+    if is_deepspeed(accelerator):
+        return DeepSpeedAccess(inner, accelerator)
+    return FSDPAccess(inner) if is_sharded(model) else PlainAccess(inner)

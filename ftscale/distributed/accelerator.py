@@ -11,6 +11,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 
 from ftscale.config import FtscaleConfig
 from ftscale.distributed.checks import check_launch, check_process_group
+from ftscale.distributed.fsdp import accelerate_without_fsdp
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -24,11 +25,13 @@ def build_accelerator(cfg: FtscaleConfig) -> Accelerator:
     group = InitProcessGroupKwargs(
         timeout=timedelta(seconds=cfg.distributed.collective_timeout_s), backend="gloo" if cpu_only and deepspeed else None
     )
-    accelerator = Accelerator(
-        cpu=cpu_only and not deepspeed,
-        mixed_precision=MIXED_PRECISION[cfg.training.precision],
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        kwargs_handlers=[group],
-    )
+    # FSDP2 is applied by the recipe (ftscale/distributed/fsdp.py); accelerate only forms the group.
+    with accelerate_without_fsdp():
+        accelerator = Accelerator(
+            cpu=cpu_only and not deepspeed,
+            mixed_precision=MIXED_PRECISION[cfg.training.precision],
+            gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+            kwargs_handlers=[group],
+        )
     check_process_group(accelerator)
     return accelerator

@@ -7,6 +7,7 @@ import os
 import torch
 
 from ftscale.config import ConfigError, FtscaleConfig
+from ftscale.distributed.fsdp import fsdp_settings
 
 
 def _env(name: str) -> str:
@@ -18,10 +19,10 @@ def check_launch(cfg: FtscaleConfig) -> None:
     cuda = torch.cuda.is_available()
     if cfg.training.precision == "fp16" and not cuda:
         raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
-    if _env("ACCELERATE_USE_FSDP") == "true" and not cuda:
+    if fsdp_settings() is not None and fsdp_settings().offload_params and not cuda:
         raise ConfigError(
-            "the accelerate config selects FSDP, which accelerate enables only on CUDA devices: on a CPU-only machine "
-            "use configs/accelerate/ddp.yaml or configs/accelerate/zero2.yaml / zero3.yaml"
+            "the accelerate config offloads FSDP parameters to CPU, but there is no GPU to offload from: "
+            "set fsdp_config.fsdp_offload_params: false (configs/accelerate/fsdp2.yaml)"
         )
     offload = {_env("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"), _env("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")}
     if _env("ACCELERATE_USE_DEEPSPEED") == "true" and not cuda and offload & {"cpu", "nvme"}:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ftscale.config.distributed import DistributedConfig
 from ftscale.config.training import TrainingConfig
+from ftscale.distributed.fsdp import local_tensor
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -46,13 +47,16 @@ def gathered(params: list[nn.Parameter], accelerator, modify: bool = False):
 
 
 def frozen_bytes_on_this_rank(model: nn.Module) -> tuple[int, int]:
-    """(bytes of frozen parameters this rank holds, bytes of all frozen parameters): under ZeRO-3 the first is
-    this rank's partition, elsewhere the two are equal."""
+    """(bytes of frozen parameters this rank holds, bytes of all frozen parameters): under ZeRO-3 and FSDP2 the
+    first is this rank's shard, elsewhere the two are equal."""
     local = full = 0
     for p in model.parameters():
         if p.requires_grad:
             continue
         size = p.element_size()
         full += getattr(p, "ds_numel", p.numel()) * size
-        local += (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * size
+        if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+            local += p.ds_tensor.numel() * size
+        else:  # a DTensor (FSDP2) counts its local shard; a plain tensor is whole
+            local += local_tensor(p).numel() * size
     return local, full

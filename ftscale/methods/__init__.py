@@ -38,9 +38,10 @@ def save_adapter_config(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfi
     (out / "ftscale_adapter.json").write_text(json.dumps(meta, indent=2))
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig) -> None:
-    """Write only the adapter: peft's own format for peft methods (so `PeftModel.from_pretrained` loads it)."""
-    model.save_pretrained(str(out_dir))
+def save_adapter(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig, state_dict: dict | None = None) -> None:
+    """Write only the adapter: peft's own format for peft methods (so `PeftModel.from_pretrained` loads it).
+    `state_dict`: whole trainable tensors by parameter name, when the live ones are shards (FSDP2)."""
+    model.save_pretrained(str(out_dir), state_dict=state_dict)
     save_adapter_config(model, out_dir, cfg)
 
 

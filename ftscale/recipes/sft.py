@@ -3,7 +3,7 @@
 Shape (as torchtune's recipes): setup() -> _setup_data(), _setup_model(), _setup_optimizer(), _resume(); then
 train(), evaluate(), save_checkpoint(), save_adapter(), cleanup(); `recipe_main(cfg)` runs them. Accelerate
 supplies the process group and the backend (one process, DDP, DeepSpeed ZeRO) chosen by `accelerate launch
---config_file`."""
+--config_file`; FSDP2, chosen the same way, is applied by ftscale/distributed/fsdp.py."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
 from ftscale.distributed.accelerator import build_accelerator
+from ftscale.distributed.fsdp import fsdp_settings, full_tensor, full_trainable_state_dict, reshard_all, shard_model, unsharded_for_saving
 from ftscale.distributed.zero import (
     configure_deepspeed,
     frozen_bytes_on_this_rank,
@@ -58,7 +59,9 @@ class SFTRecipe:
             datefmt="%H:%M:%S",
         )
         acc = self.accelerator
-        log.info("backend %s: %d processes, device %s", acc.distributed_type.value, acc.num_processes, acc.device)
+        self.fsdp = fsdp_settings()
+        backend = "FSDP2" if self.fsdp is not None else acc.distributed_type.value
+        log.info("backend %s: %d processes, device %s", backend, acc.num_processes, acc.device)
         set_seed(cfg.training.seed)
         self.preemption = PreemptionWatcher()
         self._setup_data()
@@ -94,6 +97,8 @@ class SFTRecipe:
         model = attach_adapter(model, cfg)
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.fsdp is not None:
+            model = shard_model(model, self.fsdp, self.accelerator.device)
         trainable, total = trainable_parameter_count(model)
         log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
         self.model = model
@@ -104,7 +109,10 @@ class SFTRecipe:
         if is_deepspeed(self.accelerator):
             configure_deepspeed(self.accelerator, self.cfg.training, self.cfg.distributed)
         # The scheduler stays outside accelerate.prepare: it is stepped exactly once per optimizer step.
-        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        if self.fsdp is not None:  # already sharded: prepare would wrap the model in DDP
+            self.optimizer = self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         local, full = frozen_bytes_on_this_rank(self.accelerator.unwrap_model(self.model))
         log.info("frozen base: %d of %d bytes held by rank %d", local, full, self.accelerator.process_index)
         self.scheduler = build_scheduler(optimizer, self.cfg.training, self.total_steps)
@@ -116,7 +124,7 @@ class SFTRecipe:
         ckpt = self.store.find_resume()
         if ckpt is not None:
             state = self.store.load(
-                ckpt, self.accelerator.unwrap_model(self.model), state_access(self.optimizer, self.accelerator), self.scheduler,
+                ckpt, self.accelerator.unwrap_model(self.model), state_access(self.optimizer, self.accelerator, self.model), self.scheduler,
                 self.rows_per_step, len(self.train_rows),
             )
             self.start_step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -168,7 +176,9 @@ class SFTRecipe:
             # however the step is split into micro-batches and processes (DDP averages over processes).
             step_tokens = self._global_sum(sum(counts))
             loss_sum = 0.0
-            for batch, count in zip(batches, counts):
+            for k, (batch, count) in enumerate(zip(batches, counts)):
+                if self.fsdp is not None:  # reduce-scatter gradients once per step, after the last micro-batch
+                    self.model.set_requires_gradient_sync(k == len(batches) - 1)
                 # accumulate() syncs gradients (DDP) or marks the boundary (DeepSpeed) on the last micro-batch.
                 with acc.accumulate(self.model):
                     out = self.model(**{n: v.to(acc.device) for n, v in batch.items()}, use_cache=False)
@@ -187,7 +197,7 @@ class SFTRecipe:
             loss = self._global_sum(loss_sum) / step_tokens
             record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
             if grad_norm is not None:
-                record["train/grad_norm"] = float(grad_norm)
+                record["train/grad_norm"] = float(full_tensor(grad_norm))
             step_tokens_all = self._global_sum(session_tokens)
             record["train/tokens_per_s"] = step_tokens_all / (time.monotonic() - t0)
             self.history.append({"step": step + 1, **record})
@@ -231,7 +241,7 @@ class SFTRecipe:
             "tokens_seen": self.tokens_seen,
         }
         return self.store.save(
-            step, model, state_access(self.optimizer, self.accelerator), self.scheduler, state,
+            step, model, state_access(self.optimizer, self.accelerator, self.model), self.scheduler, state,
             lambda out: save_adapter_config(model, out, self.cfg),
         )
 
@@ -254,18 +264,21 @@ class SFTRecipe:
             count = int((batch["labels"][:, 1:] != -100).sum()) * weight
             loss_sum += out.loss.item() * count
             count_sum += count
+        if self.fsdp is not None:
+            reshard_all(self.model)
         return self._global_sum(loss_sum) / self._global_sum(count_sum)
 
     # ---- outputs -----------------------------------------------------------------------------------------------
     def save_adapter(self) -> Path:
-        """Write the adapter from rank 0. Under ZeRO-3 only the trainable parameters are gathered for it."""
+        """Write the adapter from rank 0. Under ZeRO-3 and FSDP2 only the trainable parameters are gathered for it."""
         out = self.out / "adapter"
         model = self.accelerator.unwrap_model(self.model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.accelerator.wait_for_everyone()
-        with gathered(trainable, self.accelerator):
+        with gathered(trainable, self.accelerator), unsharded_for_saving(model):
+            state = full_trainable_state_dict(model) if self.fsdp is not None else None
             if self.accelerator.is_main_process:
-                save_adapter(model, out, self.cfg)
+                save_adapter(model, out, self.cfg, state_dict=state)
                 self.tokenizer.save_pretrained(out)
                 check_saved_adapter(out, {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
         self.accelerator.wait_for_everyone()
