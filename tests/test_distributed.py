@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ftscale.config import load_config
 from ftscale.methods import load_adapter
 from ftscale.model.loading import load_base_model
-from ftscale.recipes.sft import SFTRecipe
+from ftscale.recipes.sft import READ_ON_EVERY_RANK, SFTRecipe
 
 from conftest import REPO, tiny_overrides
 from test_checkpoint import ddp_cmd, history, launch_cmd, run, train_cmd
@@ -41,6 +41,8 @@ def test_trains_and_the_adapter_reloads_in_one_process(backend, method, tiny_mod
         assert local <= full // 2 + 4096, (local, full)
     else:
         assert local == full
+    if backend == "fsdp2" and method not in READ_ON_EVERY_RANK:  # memory-efficient loading: rank 1 read nothing
+        assert "FSDP2: rank 0 read the base; 1 other rank(s) received their shards" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     # One process, the saved adapter: the same held-out loss the 2-process model reported at the end.

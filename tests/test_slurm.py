@@ -79,7 +79,7 @@ def test_qlora_on_two_nodes_trains_and_writes_an_adapter_that_loads(uninterrupte
     assert not torch.allclose(base(ids).logits, tuned(ids).logits)
 
 
-@pytest.mark.parametrize("backend", ["zero3"])
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 def test_two_nodes_with_a_sharded_backend(backend, cluster, tiny_model_dir, tiny_data, tmp_path):
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()

@@ -80,6 +80,26 @@ def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) 
     return model
 
 
+def load_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After `shard_model`: rank 0 holds the real values (`full_state`, taken before sharding); the other ranks were
+    built on the meta device. Every rank receives its shard of each tensor, and the buffers kept out of state
+    dicts (rotary frequencies) whole. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank0 = dist.get_rank() == 0
+    set_model_state_dict(
+        model, full_state if rank0 else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    )
+    persistent = set(model.state_dict())
+    for name, buffer in sorted(model.named_buffers()):
+        if name in persistent:
+            continue
+        value = buffer if rank0 else torch.empty_like(buffer, device=device)
+        dist.broadcast(value, src=0)
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = value
+
+
 def prompt_encoders(model: nn.Module) -> list[nn.Module]:
     """peft's prompt-learning encoders (prompt tuning, prefix tuning, P-tuning), which peft runs to save them."""
     return list(getattr(model, "prompt_encoder", {}).values()) if isinstance(getattr(model, "prompt_encoder", None), nn.ModuleDict) else []

@@ -21,7 +21,7 @@ from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
 from ftscale.distributed.accelerator import build_accelerator
-from ftscale.distributed.fsdp import fsdp_settings, full_tensor, full_trainable_state_dict, reshard_all, shard_model, unsharded_for_saving
+from ftscale.distributed.fsdp import fsdp_settings, full_tensor, full_trainable_state_dict, load_from_rank0, reshard_all, shard_model, unsharded_for_saving
 from ftscale.distributed.zero import (
     configure_deepspeed,
     frozen_bytes_on_this_rank,
@@ -40,6 +40,9 @@ from ftscale.training.metrics import MetricLogger
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
+# Methods whose base every FSDP2 rank reads itself: a 4-bit base is quantised while it is read, and peft's prompt
+# learning keeps a second reference to the input embedding that loading a state dict cannot reach.
+READ_ON_EVERY_RANK = {"qlora", "prompt_tuning", "prefix_tuning", "p_tuning"}
 
 class SFTRecipe:
     def __init__(self, cfg: FtscaleConfig):
@@ -92,13 +95,21 @@ class SFTRecipe:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        vocab = len(self.tokenizer) if self.added_tokens else None
-        model = load_base_model(cfg, self.accelerator.device, vocab_size=vocab)
+        vocab, device = (len(self.tokenizer) if self.added_tokens else None), self.accelerator.device
+        # FSDP2 with memory-efficient loading: only rank 0 reads the weights; the others build the model on the meta
+        # device and receive their shards.
+        from_rank0 = self.fsdp is not None and self.fsdp.ram_efficient_loading and cfg.method.name not in READ_ON_EVERY_RANK
+        model = load_base_model(cfg, device, vocab_size=vocab, empty=from_rank0 and not self.accelerator.is_main_process)
         model = attach_adapter(model, cfg)
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.fsdp is not None:
-            model = shard_model(model, self.fsdp, self.accelerator.device)
+            full_state = model.state_dict() if from_rank0 and self.accelerator.is_main_process else {}
+            model = shard_model(model, self.fsdp, device)
+            if from_rank0:
+                load_from_rank0(model, full_state, device)
+                log.info("FSDP2: rank 0 read the base; %d other rank(s) received their shards", self.accelerator.num_processes - 1)
+                del full_state
         trainable, total = trainable_parameter_count(model)
         log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
         self.model = model
