@@ -27,6 +27,7 @@ from ftscale.distributed.zero import (
     frozen_bytes_on_this_rank,
     gathered,
     is_deepspeed,
+    zero_stage,
 )
 from ftscale.methods import (
     attach_adapter,
@@ -100,6 +101,9 @@ class SFTRecipe:
         # device and receive their shards.
         from_rank0 = self.fsdp is not None and self.fsdp.ram_efficient_loading and cfg.method.name not in READ_ON_EVERY_RANK
         model = load_base_model(cfg, device, vocab_size=vocab, empty=from_rank0 and not self.accelerator.is_main_process)
+        if zero_stage(self.accelerator) == 3:  # zero3_init_flag: transformers partitions while loading (not 4-bit bases)
+            partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+            log.info("ZeRO-3: the base was %s", "partitioned while loading" if partitioned else "read whole, partitioned at prepare")
         model = attach_adapter(model, cfg)
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
