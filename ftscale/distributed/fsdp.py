@@ -80,24 +80,26 @@ def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) 
     return model
 
 
-def load_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """After `shard_model`: rank 0 holds the real values (`full_state`, taken before sharding); the other ranks were
-    built on the meta device. Every rank receives its shard of each tensor, and the buffers kept out of state
-    dicts (rotary frequencies) whole. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rank 0's parameters and buffers by name, taken before sharding (references, not copies)."""
+    return {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
 
+
+def load_from_rank0(model: nn.Module, values: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After `shard_model`: rank 0 holds the real values (`values`, from `full_values` before sharding); the other
+    ranks were built on the meta device. Each parameter is scattered from rank 0 one at a time, so a rank never
+    holds more than its shards plus one whole tensor; buffers (rotary frequencies) are broadcast whole. Collective."""
     rank0 = dist.get_rank() == 0
-    set_model_state_dict(
-        model, full_state if rank0 else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    )
-    persistent = set(model.state_dict())
-    for name, buffer in sorted(model.named_buffers()):
-        if name in persistent:
-            continue
-        value = buffer if rank0 else torch.empty_like(buffer, device=device)
-        dist.broadcast(value, src=0)
-        owner, _, attr = name.rpartition(".")
-        model.get_submodule(owner)._buffers[attr] = value
+    if not rank0:
+        model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            source = values[name] if rank0 else torch.empty(p.shape, dtype=p.dtype, device=device)
+            local_tensor(p).copy_(local_tensor(shard_like(source, p, from_rank0=True)))
+        for name, buffer in model.named_buffers():
+            if rank0:
+                buffer.copy_(values[name])
+            dist.broadcast(buffer, src=0)
 
 
 def prompt_encoders(model: nn.Module) -> list[nn.Module]:
@@ -144,11 +146,14 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`value` (a whole tensor, the same on every rank) laid out as the sharded `like`."""
+def shard_like(value: torch.Tensor, like: torch.Tensor, from_rank0: bool = False) -> torch.Tensor:
+    """`value` (a whole tensor) laid out as `like`: its shard when `like` is a DTensor. from_rank0: only rank 0's
+    `value` is real, and the others receive theirs (collective); otherwise every rank holds the same `value`."""
     if not isinstance(like, DTensor):
+        if from_rank0:
+            dist.broadcast(value, src=0)
         return value.to(like.device)
-    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=0 if from_rank0 else None)
 
 
 def full_trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ftscale.config import FtscaleConfig
@@ -39,38 +39,24 @@ def quantization_config(cfg: FtscaleConfig) -> BitsAndBytesConfig | None:
 
 def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | None = None, empty: bool = False):
     """The frozen base model on `device`; embeddings resized to `vocab_size` when tokens were added.
-    empty=True: the architecture only, on the meta device, no weights read (FSDP2 ranks other than 0 receive their
-    shards from rank 0); not for QLoRA, whose weights are quantised while they are read."""
+    empty=True: the same model on the meta device, with no weight held (FSDP2 ranks other than 0, which receive
+    their shards from rank 0). A 4-bit base is then a skeleton: see ftscale.model.quantized_skeleton."""
     quant = quantization_config(cfg)
-    if empty:
-        if quant is not None:
-            raise ValueError("a 4-bit base cannot be created empty: its weights are quantised while they are read")
-        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation,
-                trust_remote_code=cfg.model.trust_remote_code,
-            )
-        return _finish(model, cfg, vocab_size)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.path,
         dtype=DTYPES[cfg.model.dtype] if quant is None else DTYPES[cfg.method.quantization.compute_dtype],
         attn_implementation=cfg.model.attn_implementation,
         quantization_config=quant,
         # ZeRO-3 places (and partitions) the weights itself and refuses a device_map.
-        device_map={"": device} if quant is not None and not is_deepspeed_zero3_enabled() else None,
+        device_map={"": "meta"} if empty else {"": device} if quant is not None and not is_deepspeed_zero3_enabled() else None,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    if quant is None:
+    if quant is None and not empty:
         model.to(device)
-    return _finish(model, cfg, vocab_size)
-
-
-def _finish(model, cfg: FtscaleConfig, vocab_size: int | None):
     if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocab_size)
     model.config.use_cache = False
-    if cfg.method.name == "qlora":
+    if quant is not None:
         from peft import prepare_model_for_kbit_training
 
         disable_cpu_weight_repacking(model)

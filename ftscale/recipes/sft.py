@@ -21,7 +21,16 @@ from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.data import build_rows, collate
 from ftscale.distributed.accelerator import build_accelerator
-from ftscale.distributed.fsdp import fsdp_settings, full_tensor, full_trainable_state_dict, load_from_rank0, reshard_all, shard_model, unsharded_for_saving
+from ftscale.distributed.fsdp import (
+    fsdp_settings,
+    full_tensor,
+    full_trainable_state_dict,
+    full_values,
+    load_from_rank0,
+    reshard_all,
+    shard_model,
+    unsharded_for_saving,
+)
 from ftscale.distributed.zero import (
     configure_deepspeed,
     frozen_bytes_on_this_rank,
@@ -37,13 +46,14 @@ from ftscale.methods import (
     trainable_parameter_count,
 )
 from ftscale.model.loading import load_base_model, load_tokenizer
+from ftscale.model.quantized_skeleton import match_rank0_quantized_layout
 from ftscale.training.metrics import MetricLogger
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
-# Methods whose base every FSDP2 rank reads itself: a 4-bit base is quantised while it is read, and peft's prompt
-# learning keeps a second reference to the input embedding that loading a state dict cannot reach.
-READ_ON_EVERY_RANK = {"qlora", "prompt_tuning", "prefix_tuning", "p_tuning"}
+# Methods whose base every FSDP2 rank reads itself: peft's prompt learning keeps a second reference to the input
+# embedding, which FSDP2 does not shard and rank 0 could not fill.
+READ_ON_EVERY_RANK = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 
 class SFTRecipe:
     def __init__(self, cfg: FtscaleConfig):
@@ -104,16 +114,18 @@ class SFTRecipe:
         if zero_stage(self.accelerator) == 3:  # zero3_init_flag: transformers partitions while loading (not 4-bit bases)
             partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
             log.info("ZeRO-3: the base was %s", "partitioned while loading" if partitioned else "read whole, partitioned at prepare")
+        if from_rank0 and cfg.method.name == "qlora":
+            match_rank0_quantized_layout(model, device)
         model = attach_adapter(model, cfg)
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.fsdp is not None:
-            full_state = model.state_dict() if from_rank0 and self.accelerator.is_main_process else {}
+            values = full_values(model) if from_rank0 and self.accelerator.is_main_process else {}
             model = shard_model(model, self.fsdp, device)
             if from_rank0:
-                load_from_rank0(model, full_state, device)
+                load_from_rank0(model, values, device)
                 log.info("FSDP2: rank 0 read the base; %d other rank(s) received their shards", self.accelerator.num_processes - 1)
-                del full_state
+                del values
         trainable, total = trainable_parameter_count(model)
         log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
         self.model = model

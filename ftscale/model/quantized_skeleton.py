@@ -1,0 +1,48 @@
+"""Give a meta-device 4-bit model the layout of rank 0's quantised one, so that FSDP2 can shard it before any
+weight arrives.
+
+transformers builds the same Linear4bit modules on every rank (`device_map={"": "meta"}`), but without reading the
+weights it cannot know their packed shape (4-bit values packed into the storage dtype) or their quantisation state
+(absmax blocks, NF4 code, nested statistics). Rank 0 quantised the real weights, so both come from it: the shapes
+and dtypes of every parameter and each Linear4bit's QuantState, broadcast once. The packed values themselves
+arrive later as shards (ftscale.distributed.fsdp.load_from_rank0). bitsandbytes has no API for this."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _linear4bit_modules(model: nn.Module) -> dict[str, nn.Module]:
+    import bitsandbytes as bnb
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def match_rank0_quantized_layout(model: nn.Module, device: torch.device) -> None:
+    """Collective. Rank 0 holds the quantised model; on the other ranks (built on the meta device) each 4-bit weight
+    becomes a meta Params4bit of rank 0's packed shape and dtype, and each module gets rank 0's QuantState."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    modules = _linear4bit_modules(model)
+    payload = [None]
+    if dist.get_rank() == 0:
+        payload = [{
+            name: (tuple(m.weight.shape), m.weight.dtype, m.weight.quant_state.as_dict(packed=True))
+            for name, m in modules.items()
+        }]
+    dist.broadcast_object_list(payload, src=0)
+    if dist.get_rank() == 0:
+        return
+    for name, (shape, dtype, state) in payload[0].items():
+        module, weight = modules[name], modules[name].weight
+        quant_state = QuantState.from_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}, device)
+        module.weight = bnb.nn.Params4bit(
+            torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False, quant_state=quant_state,
+            blocksize=weight.blocksize, compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+            quant_storage=dtype, module=module, bnb_quantized=True,
+        )
+        # FSDP2 replaces the parameter with a plain DTensor; bitsandbytes then recovers the state from the module.
+        module.quant_state = quant_state
