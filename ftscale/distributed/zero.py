@@ -5,7 +5,7 @@ config, so an accelerate/DeepSpeed file cannot silently disagree with it."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from accelerate.utils import DistributedType
 from torch import nn
@@ -44,6 +44,50 @@ def gathered(params: list[nn.Parameter], accelerator, modify: bool = False):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
     return nullcontext()
+
+
+@contextmanager
+def hidden_from_transformers(accelerator):
+    """Load a model as if ZeRO-3 were off (transformers then accepts a device_map): for the 4-bit base, which
+    `partition_from_rank0` partitions instead."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def partition_from_rank0(model: nn.Module, accelerator) -> None:
+    """ZeRO-3 memory-efficient loading where transformers cannot do it (4-bit bases, which it does not load under
+    zero.Init): rank 0 holds the loaded model, the other ranks a meta-device skeleton of it. Children before
+    parents, each module's own parameters are allocated on the other ranks and handed to zero.Init, which
+    broadcasts rank 0's values and keeps each rank's partition; so beyond its partitions a rank holds one module's
+    weights at a time. Buffers are broadcast whole. Collective."""
+    import deepspeed
+    import torch
+
+    from ftscale.model.quantized_skeleton import empty_like_parameter
+
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    rank0 = accelerator.is_main_process
+    allocated: dict[int, torch.nn.Parameter] = {}  # by the meta parameter's id, so tied weights stay tied
+    for module in reversed(list(model.modules())):  # every descendant comes before its ancestors
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        if not rank0:
+            for name, p in own:
+                if id(p) not in allocated:
+                    allocated[id(p)] = empty_like_parameter(p, accelerator.device)
+                setattr(module, name, allocated[id(p)])
+        deepspeed.zero.Init(module=module, config_dict_or_path=config)
+    for name, buffer in model.named_buffers():
+        if not rank0:
+            owner, _, attr = name.rpartition(".")
+            buffer = model.get_submodule(owner)._buffers[attr] = torch.empty_like(buffer, device=accelerator.device)
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def frozen_bytes_on_this_rank(model: nn.Module) -> tuple[int, int]:

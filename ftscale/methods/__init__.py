@@ -67,5 +67,8 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = Fal
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    def numel(p) -> int:  # a ZeRO-3 partitioned parameter reports numel 0; ds_numel is its whole size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())

@@ -37,12 +37,29 @@ def match_rank0_quantized_layout(model: nn.Module, device: torch.device) -> None
     if dist.get_rank() == 0:
         return
     for name, (shape, dtype, state) in payload[0].items():
-        module, weight = modules[name], modules[name].weight
+        module = modules[name]
         quant_state = QuantState.from_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}, device)
-        module.weight = bnb.nn.Params4bit(
-            torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False, quant_state=quant_state,
-            blocksize=weight.blocksize, compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
-            quant_storage=dtype, module=module, bnb_quantized=True,
-        )
+        module.weight = _params4bit(torch.empty(shape, dtype=dtype, device="meta"), module.weight, quant_state)
         # FSDP2 replaces the parameter with a plain DTensor; bitsandbytes then recovers the state from the module.
         module.quant_state = quant_state
+
+
+def _params4bit(data: torch.Tensor, like, quant_state) -> nn.Parameter:
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit(
+        data, requires_grad=False, quant_state=quant_state, blocksize=like.blocksize, compress_statistics=like.compress_statistics,
+        quant_type=like.quant_type, quant_storage=data.dtype, module=like.module, bnb_quantized=True,
+    )
+
+
+def empty_like_parameter(p: nn.Parameter, device: torch.device) -> nn.Parameter:
+    """A parameter of p's kind, shape and dtype with uninitialised values on `device`. A 4-bit weight stays a
+    Params4bit with its quantisation state: replacing it by a plain parameter would make bitsandbytes swap in a
+    new one at the first forward, behind the back of any sharding that tracks the old one."""
+    import bitsandbytes as bnb
+
+    data = torch.empty(p.shape, dtype=p.dtype, device=device)
+    if isinstance(p, bnb.nn.Params4bit):
+        return _params4bit(data, p, p.quant_state)
+    return nn.Parameter(data, requires_grad=p.requires_grad)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ from ftscale.distributed.zero import (
     configure_deepspeed,
     frozen_bytes_on_this_rank,
     gathered,
+    hidden_from_transformers,
     is_deepspeed,
+    partition_from_rank0,
     zero_stage,
 )
 from ftscale.methods import (
@@ -74,6 +77,8 @@ class SFTRecipe:
         )
         acc = self.accelerator
         self.fsdp = fsdp_settings()
+        if is_deepspeed(acc):  # before the model: ZeRO-3 loading reads this config too
+            configure_deepspeed(acc, cfg.training, cfg.distributed)
         backend = "FSDP2" if self.fsdp is not None else acc.distributed_type.value
         log.info("backend %s: %d processes, device %s", backend, acc.num_processes, acc.device)
         set_seed(cfg.training.seed)
@@ -105,36 +110,50 @@ class SFTRecipe:
         )
 
     def _setup_model(self) -> None:
-        cfg = self.cfg
-        vocab, device = (len(self.tokenizer) if self.added_tokens else None), self.accelerator.device
-        # FSDP2 with memory-efficient loading: only rank 0 reads the weights; the others build the model on the meta
-        # device and receive their shards.
-        from_rank0 = self.fsdp is not None and self.fsdp.ram_efficient_loading and cfg.method.name not in READ_ON_EVERY_RANK
-        model = load_base_model(cfg, device, vocab_size=vocab, empty=from_rank0 and not self.accelerator.is_main_process)
-        if zero_stage(self.accelerator) == 3:  # zero3_init_flag: transformers partitions while loading (not 4-bit bases)
-            partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
-            log.info("ZeRO-3: the base was %s", "partitioned while loading" if partitioned else "read whole, partitioned at prepare")
+        cfg, acc = self.cfg, self.accelerator
+        vocab, device = (len(self.tokenizer) if self.added_tokens else None), acc.device
+        from_rank0 = self._reads_on_rank0_only()
+        # ZeRO-3 with a 4-bit base: ftscale partitions it below; transformers would refuse the meta device_map.
+        zero3_off = from_rank0 and zero_stage(acc) == 3
+        with hidden_from_transformers(acc) if zero3_off else nullcontext():
+            model = load_base_model(cfg, device, vocab_size=vocab, empty=from_rank0 and not acc.is_main_process)
         if from_rank0 and cfg.method.name == "qlora":
             match_rank0_quantized_layout(model, device)
+        if from_rank0 and zero_stage(acc) == 3:
+            partition_from_rank0(model, acc)
+        if zero_stage(acc) == 3:
+            partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+            log.info("ZeRO-3: the base was %s", "partitioned while loading" if partitioned else "read whole, partitioned at prepare")
         model = attach_adapter(model, cfg)
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.fsdp is not None:
-            values = full_values(model) if from_rank0 and self.accelerator.is_main_process else {}
+            values = full_values(model) if from_rank0 and acc.is_main_process else {}
             model = shard_model(model, self.fsdp, device)
             if from_rank0:
                 load_from_rank0(model, values, device)
-                log.info("FSDP2: rank 0 read the base; %d other rank(s) received their shards", self.accelerator.num_processes - 1)
                 del values
+        if from_rank0:
+            log.info("rank 0 read the base; %d other rank(s) received only their shards", acc.num_processes - 1)
         trainable, total = trainable_parameter_count(model)
         log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
         self.model = model
 
+    def _reads_on_rank0_only(self) -> bool:
+        """Memory-efficient loading done here: rank 0 reads the weights; the other ranks build the model on the meta
+        device and receive only their shards. Under ZeRO-3 transformers does this itself, except for 4-bit bases."""
+        method, acc = self.cfg.method.name, self.accelerator
+        if acc.num_processes == 1:
+            return False
+        if self.fsdp is not None:
+            return self.fsdp.ram_efficient_loading and method not in READ_ON_EVERY_RANK
+        if zero_stage(acc) == 3:
+            return acc.state.deepspeed_plugin.zero3_init_flag and method == "qlora"
+        return False
+
     def _setup_optimizer(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, self.cfg.training, self.accelerator.device)
-        if is_deepspeed(self.accelerator):
-            configure_deepspeed(self.accelerator, self.cfg.training, self.cfg.distributed)
         # The scheduler stays outside accelerate.prepare: it is stepped exactly once per optimizer step.
         if self.fsdp is not None:  # already sharded: prepare would wrap the model in DDP
             self.optimizer = self.accelerator.prepare(optimizer)
