@@ -7,7 +7,6 @@ The cluster is Debian's Slurm (installed when missing) with slurmctld and two sl
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -23,7 +23,6 @@ def _linear4bit_modules(model: nn.Module) -> dict[str, nn.Module]:
 def match_rank0_quantized_layout(model: nn.Module, device: torch.device) -> None:
     """Collective. Rank 0 holds the quantised model; on the other ranks (built on the meta device) each 4-bit weight
     becomes a meta Params4bit of rank 0's packed shape and dtype, and each module gets rank 0's QuantState."""
-    import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
     modules = _linear4bit_modules(model)
