@@ -30,7 +30,7 @@ class QuantizationSection(Section):
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit per weight).")
     compute_dtype: DType = Field("float32", description="dtype the 4-bit weights are dequantised to for matmuls (bfloat16 on GPUs).")
     quant_storage: DType | Literal["uint8"] = Field(
-        "uint8", description="Storage dtype of packed 4-bit weights; set it to the other parameters' dtype under FSDP/ZeRO-3."
+        "uint8", description="Storage dtype of packed 4-bit weights (FSDP2 and ZeRO-3 shard uint8 as it is; FSDP1 needed the model dtype)."
     )
 
 
