@@ -19,7 +19,8 @@ def check_launch(cfg: FtscaleConfig) -> None:
     cuda = torch.cuda.is_available()
     if cfg.training.precision == "fp16" and not cuda:
         raise ConfigError("training.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
-    if fsdp_settings() is not None and fsdp_settings().offload_params and not cuda:
+    fsdp = fsdp_settings()
+    if fsdp is not None and fsdp.offload_params and not cuda:
         raise ConfigError(
             "the accelerate config offloads FSDP parameters to CPU, but there is no GPU to offload from: "
             "set fsdp_config.fsdp_offload_params: false (configs/accelerate/fsdp2.yaml)"

@@ -81,8 +81,8 @@ def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) 
 
 
 def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rank 0's parameters and buffers by name, taken before sharding (references, not copies)."""
-    return {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    """Rank 0's parameters by name, taken before sharding (references, not copies)."""
+    return {n: p.detach() for n, p in model.named_parameters()}
 
 
 def load_from_rank0(model: nn.Module, values: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -96,10 +96,17 @@ def load_from_rank0(model: nn.Module, values: dict[str, torch.Tensor], device: t
         for name, p in model.named_parameters():
             source = values[name] if rank0 else torch.empty(p.shape, dtype=p.dtype, device=device)
             local_tensor(p).copy_(local_tensor(shard_like(source, p, from_rank0=True)))
-        for name, buffer in model.named_buffers():
-            if rank0:
-                buffer.copy_(values[name])
-            dist.broadcast(buffer, src=0)
+    broadcast_buffers_from_rank0(model, device)
+
+
+def broadcast_buffers_from_rank0(model: nn.Module, device: torch.device) -> None:
+    """Every buffer whole, as rank 0 holds it; buffers still on the meta device are allocated first. Collective.
+    Buffers are never sharded (FSDP2 and ZeRO-3 alike), and non-persistent ones are in no state dict."""
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            buffer = model.get_submodule(owner)._buffers[attr] = torch.empty_like(buffer, device=device)
+        dist.broadcast(buffer, src=0)
 
 
 def prompt_encoders(model: nn.Module) -> list[nn.Module]:

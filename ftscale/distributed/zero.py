@@ -12,7 +12,7 @@ from torch import nn
 
 from ftscale.config.distributed import DistributedConfig
 from ftscale.config.training import TrainingConfig
-from ftscale.distributed.fsdp import local_tensor
+from ftscale.distributed.fsdp import broadcast_buffers_from_rank0, local_tensor
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -83,11 +83,7 @@ def partition_from_rank0(model: nn.Module, accelerator) -> None:
                     allocated[id(p)] = empty_like_parameter(p, accelerator.device)
                 setattr(module, name, allocated[id(p)])
         deepspeed.zero.Init(module=module, config_dict_or_path=config)
-    for name, buffer in model.named_buffers():
-        if not rank0:
-            owner, _, attr = name.rpartition(".")
-            buffer = model.get_submodule(owner)._buffers[attr] = torch.empty_like(buffer, device=accelerator.device)
-        torch.distributed.broadcast(buffer, src=0)
+    broadcast_buffers_from_rank0(model, accelerator.device)
 
 
 def frozen_bytes_on_this_rank(model: nn.Module) -> tuple[int, int]:

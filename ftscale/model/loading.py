@@ -39,8 +39,8 @@ def quantization_config(cfg: FtscaleConfig) -> BitsAndBytesConfig | None:
 
 def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | None = None, empty: bool = False):
     """The frozen base model on `device`; embeddings resized to `vocab_size` when tokens were added.
-    empty=True: the same model on the meta device, with no weight held (FSDP2 ranks other than 0, which receive
-    their shards from rank 0). A 4-bit base is then a skeleton: see ftscale.model.quantized_skeleton."""
+    empty=True: the same model on the meta device, with no weight held (FSDP2 / ZeRO-3 ranks other than 0, which
+    receive their shards from rank 0). A 4-bit base is then a skeleton: see ftscale.model.quantized_skeleton."""
     quant = quantization_config(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.path,

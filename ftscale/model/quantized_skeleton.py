@@ -1,11 +1,12 @@
-"""Give a meta-device 4-bit model the layout of rank 0's quantised one, so that FSDP2 can shard it before any
-weight arrives.
+"""Give a meta-device 4-bit model the layout of rank 0's quantised one, so that FSDP2 or ZeRO-3 can shard it before
+any weight arrives.
 
 transformers builds the same Linear4bit modules on every rank (`device_map={"": "meta"}`), but without reading the
 weights it cannot know their packed shape (4-bit values packed into the storage dtype) or their quantisation state
 (absmax blocks, NF4 code, nested statistics). Rank 0 quantised the real weights, so both come from it: the shapes
 and dtypes of every parameter and each Linear4bit's QuantState, broadcast once. The packed values themselves
-arrive later as shards (ftscale.distributed.fsdp.load_from_rank0). bitsandbytes has no API for this."""
+arrive later as shards (ftscale.distributed.fsdp.load_from_rank0, ftscale.distributed.zero.partition_from_rank0).
+bitsandbytes has no API for this."""
 
 from __future__ import annotations
 

@@ -58,6 +58,7 @@ log = logging.getLogger("ftscale")
 # embedding, which FSDP2 does not shard and rank 0 could not fill.
 READ_ON_EVERY_RANK = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 
+
 class SFTRecipe:
     def __init__(self, cfg: FtscaleConfig):
         self.cfg = cfg
@@ -112,16 +113,15 @@ class SFTRecipe:
     def _setup_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         vocab, device = (len(self.tokenizer) if self.added_tokens else None), acc.device
-        from_rank0 = self._reads_on_rank0_only()
+        from_rank0, zero3 = self._reads_on_rank0_only(), zero_stage(acc) == 3
         # ZeRO-3 with a 4-bit base: ftscale partitions it below; transformers would refuse the meta device_map.
-        zero3_off = from_rank0 and zero_stage(acc) == 3
-        with hidden_from_transformers(acc) if zero3_off else nullcontext():
+        with hidden_from_transformers(acc) if from_rank0 and zero3 else nullcontext():
             model = load_base_model(cfg, device, vocab_size=vocab, empty=from_rank0 and not acc.is_main_process)
         if from_rank0 and cfg.method.name == "qlora":
             match_rank0_quantized_layout(model, device)
-        if from_rank0 and zero_stage(acc) == 3:
+        if from_rank0 and zero3:
             partition_from_rank0(model, acc)
-        if zero_stage(acc) == 3:
+        if zero3:
             partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
             log.info("ZeRO-3: the base was %s", "partitioned while loading" if partitioned else "read whole, partitioned at prepare")
         model = attach_adapter(model, cfg)
@@ -162,6 +162,7 @@ class SFTRecipe:
         local, full = frozen_bytes_on_this_rank(self.accelerator.unwrap_model(self.model))
         log.info("frozen base: %d of %d bytes held by rank %d", local, full, self.accelerator.process_index)
         self.scheduler = build_scheduler(optimizer, self.cfg.training, self.total_steps)
+        self.state_access = state_access(self.optimizer, self.accelerator, self.model)  # what checkpoints read and write
 
     def _resume(self) -> None:
         """Continue from a checkpoint (checkpoint.resume): parameters, optimizer, schedule, RNG and data position."""
@@ -170,7 +171,7 @@ class SFTRecipe:
         ckpt = self.store.find_resume()
         if ckpt is not None:
             state = self.store.load(
-                ckpt, self.accelerator.unwrap_model(self.model), state_access(self.optimizer, self.accelerator, self.model), self.scheduler,
+                ckpt, self.accelerator.unwrap_model(self.model), self.state_access, self.scheduler,
                 self.rows_per_step, len(self.train_rows),
             )
             self.start_step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -287,7 +288,7 @@ class SFTRecipe:
             "tokens_seen": self.tokens_seen,
         }
         return self.store.save(
-            step, model, state_access(self.optimizer, self.accelerator, self.model), self.scheduler, state,
+            step, model, self.state_access, self.scheduler, state,
             lambda out: save_adapter_config(model, out, self.cfg),
         )
 
