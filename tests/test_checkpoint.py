@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +24,11 @@ from ftscale.recipes.sft import SFTRecipe, recipe_main
 
 from conftest import REPO, tiny_overrides
 
-SLOW_ENOUGH = {"training.max_steps": 40, "training.micro_batch_size": 4, "checkpoint.every_steps": 3, "logging.console": True}
+# LoRA dropout > 0: a resume that did not restore the RNG would draw other dropout masks and diverge.
+SLOW_ENOUGH = {
+    "training.max_steps": 40, "training.micro_batch_size": 4, "checkpoint.every_steps": 3, "logging.console": True,
+    "method.lora.dropout": 0.1,
+}
 
 
 def train_cmd(model_dir, data, out, **extra) -> list[str]:
@@ -108,33 +113,104 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, t
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
     fresh = run(train_cmd(tiny_model_dir, tiny_data, out, **{**settings, "checkpoint.resume": "none", "training.max_steps": 2}))
     assert fresh.returncode == 0 and (out / "wandb-run-id").read_text() != run_id  # a fresh start is a new W&B run
+    # An auto-resume that finds no checkpoint in an old output folder is a fresh run too.
+    shutil.rmtree(out / "checkpoints")
+    second = run(train_cmd(tiny_model_dir, tiny_data, out, **{**settings, "training.max_steps": 2}))
+    assert second.returncode == 0, second.stderr[-2000:]
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    ids = [r.name.rsplit("-", 1)[1] for r in runs]
+    assert len(runs) == 4 and len(set(ids)) == 3 and ids.count(run_id) == 2  # only the resumed pair shares a run
+
+
+class Child:
+    """A training process whose stderr is read line by line as it runs, so a test can act on what it logs."""
+
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = 300) -> int:
+        """Index of the first line matching `pattern` at or after line `after`."""
+        end, i = time.monotonic() + timeout, after
+        while True:
+            while i < len(self.lines):
+                if re.search(pattern, self.lines[i]):
+                    return i
+                i += 1
+            assert self.proc.poll() is None, f"training ended before logging {pattern!r}: {''.join(self.lines)[-2000:]}"
+            assert time.monotonic() < end, f"{pattern!r} never logged"
+            time.sleep(0.001)
+
+    def kill(self) -> str:
+        self.proc.kill()
+        self.proc.wait()
+        self.reader.join()
+        return "".join(self.lines)
+
+
+# What the child was doing when it died: the last of these lines it logged (checkpoint phases at logging.level=debug).
+# "during the rename" spans the rename, the `latest` pointer and retention, up to "checkpoint ... written".
+PHASES = [
+    ("during the rename", r"renaming into place"),
+    ("inside a save", r"checkpoint step \d+: writing shards"),
+    ("during resume", r"resuming from"),
+    ("between steps", r"resumed from|checkpoint \S+ written|step \d+/\d+"),
+]
+
+
+def phase_at_kill(log: str) -> str:
+    for line in reversed(log.splitlines()):
+        for phase, pattern in PHASES:
+            if re.search(pattern, line):
+                return phase
+    return "start-up"
 
 
 def test_kill_9_at_random_moments_always_resumes_from_newest_complete(reference, tiny_model_dir, tiny_data, tmp_path):
+    """24 runs killed with SIGKILL, aimed in turn inside a save, at its rename, during resume and between steps (each
+    after a random delay). Every run must resume from the newest complete checkpoint, and the run that finally
+    completes must equal the uninterrupted one bit for bit."""
     out, rng = tmp_path / "run", random.Random(7)
-    settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}
-    kills = 0
-    for trial in range(8):
-        done = {c.step for c in complete_checkpoints(out / "checkpoints", checksums=True)}
-        newest_before = max(done, default=0)
-        proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        target = min(newest_before + rng.randint(1, 5), 39)
-        wait_for(out / f"checkpoints/step-{target:08d}", proc)
-        time.sleep(rng.uniform(0, 0.15))  # lands inside a step, a save, a rename or retention
-        proc.kill()
-        _, stderr = proc.communicate()
-        kills += 1
+    root = out / "checkpoints"
+    settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2, "logging.level": "debug"}
+    aims = ["inside a save", "during the rename", "during resume", "between steps"]
+    landed = []
+    for trial in range(24):
+        newest_before = max((c.step for c in complete_checkpoints(root, checksums=True)), default=0)
+        aim = aims[trial % len(aims)]
+        if aim == "during resume" and not newest_before:
+            aim = "inside a save"
+        child = Child(train_cmd(tiny_model_dir, tiny_data, out, **settings))
+        if aim == "during resume":
+            child.wait_for(r"resuming from")
+            time.sleep(rng.uniform(0, 0.05))
+        else:
+            target = min(newest_before + rng.randint(1, 3), 39)
+            at = child.wait_for(rf"checkpoint step {target}: writing shards")
+            if aim == "inside a save":
+                time.sleep(rng.uniform(0, 0.01))
+            elif aim == "during the rename":
+                child.wait_for(r"renaming into place", after=at)
+            else:
+                child.wait_for(r"checkpoint \S+ written", after=at)
+                time.sleep(rng.uniform(0, 0.1))
+        log = child.kill()
+        landed.append(phase_at_kill(log))
         if newest_before:
-            assert f"(step {newest_before}," in stderr, f"trial {trial}: did not resume from step {newest_before}"
-        assert not any(p.name.endswith(".partial") for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+            assert f"resuming from {root / f'step-{newest_before:08d}'}" in log, f"trial {trial}: did not resume from step {newest_before}"
     final = run(train_cmd(tiny_model_dir, tiny_data, out, **settings))
     assert final.returncode == 0, final.stderr[-3000:]
-    assert kills == 8
+    counts = {phase: landed.count(phase) for phase in set(landed)}
+    print("kills landed:", counts)
+    assert counts.get("inside a save", 0) >= 3 and counts.get("during resume", 0) >= 3 and counts.get("between steps", 0) >= 3, counts
     assert history(out) == history(reference)
     assert_same_adapter(adapter(out), adapter(reference))
     resumed_from = int(re.search(r"\(step (\d+),", final.stderr).group(1))
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert kept == sorted({f"step-{s:08d}" for s in (39, 40, resumed_from)})  # keep_last=2, plus the one resumed from
+    kept = sorted(p.name for p in root.iterdir())
+    # keep_last=2 plus the one resumed from; no partial save, half-deleted or set-aside folder is left behind.
+    assert kept == sorted({f"step-{s:08d}" for s in (39, 40, resumed_from)} | {"latest"})
 
 
 def test_partial_corrupt_and_unfinished_checkpoints_are_never_loaded(reference, tmp_path):
@@ -201,14 +277,59 @@ def test_checkpoint_of_another_config_is_refused_with_the_difference(reference, 
     assert proc.returncode == 2 and "written with 4 rows per optimizer step" in proc.stderr
 
 
-def test_resume_none_starts_fresh_and_retention_spares_the_resumed_checkpoint(reference, tiny_model_dir, tiny_data, tmp_path):
-    out = tmp_path / "run"
-    start = reference / "checkpoints/step-00000036"
-    proc = run(train_cmd(tiny_model_dir, tiny_data, out, **{**SLOW_ENOUGH, "checkpoint.resume": str(start), "checkpoint.dir": str(reference / "checkpoints"), "checkpoint.keep_last": 1, "checkpoint.every_steps": 1}))
+def test_resume_from_a_path_and_retention_spares_the_resumed_checkpoint(reference, tiny_model_dir, tiny_data, tmp_path):
+    out, root = tmp_path / "run", tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", root)  # a copy: the module's reference run stays as it is
+    start = root / "step-00000036"
+    proc = run(train_cmd(tiny_model_dir, tiny_data, out, **{**SLOW_ENOUGH, "checkpoint.resume": str(start), "checkpoint.dir": str(root), "checkpoint.keep_last": 1, "checkpoint.every_steps": 1}))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    names = sorted(p.name for p in (reference / "checkpoints").iterdir() if p.name.startswith("step-"))
+    names = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
     assert names == ["step-00000036", "step-00000040"]  # keep_last=1, plus the one resumed from
     assert history(out) == history(reference)
+
+
+def step_names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
+
+
+def test_a_fresh_run_sets_another_runs_checkpoints_aside_instead_of_mixing(reference, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    shutil.copytree(reference / "checkpoints", root)  # an older run's steps 36, 39 and 40
+    old_id = verify(root / "step-00000040", checksums=True).run_id
+    fresh = run(train_cmd(tiny_model_dir, tiny_data, out, **{**SLOW_ENOUGH, "checkpoint.resume": "none", "training.max_steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}))
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert step_names(root) == ["step-00000005", "step-00000006"]  # its own newest two, not deleted for steps 36-40
+    assert verify(root / "step-00000006", checksums=True).run_id not in (None, old_id)
+    (aside,) = (root / "superseded").iterdir()
+    assert step_names(aside) == ["step-00000036", "step-00000039", "step-00000040"]
+    assert all(verify(p, checksums=True).run_id == old_id for p in aside.glob("step-*"))  # kept whole
+    assert f"3 checkpoint(s) of another run in {root} moved to {aside}" in fresh.stderr
+
+
+def test_a_run_that_found_only_broken_checkpoints_keeps_its_own_and_resumes_from_them(reference, tiny_model_dir, tiny_data, tmp_path):
+    """Auto-resume finds only corrupt checkpoints of an earlier run (higher step numbers), starts fresh, is
+    preempted, and must resume from its own checkpoint rather than restart from zero."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    shutil.copytree(reference / "checkpoints", root)
+    for shard in root.glob("step-*/adapter/shard-*.safetensors"):
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(root / "step-00000004", proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, stderr[-2000:]
+    stopped = json.loads((root / PREEMPTED).read_text())["step"]
+    assert step_names(root)[-1] == f"step-{stopped:08d}"
+    resumed = run(train_cmd(tiny_model_dir, tiny_data, out, **settings))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {root / f'step-{stopped:08d}'} (step {stopped}," in resumed.stderr
+    assert history(out) == history(reference)
+    assert_same_adapter(adapter(out), adapter(reference))
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "qlora"])

@@ -191,5 +191,6 @@ def test_missing_split_and_empty_dataset(tok, tmp_path):
     with pytest.raises(DataError, match="has no split 'test' \\(it has train\\)"):
         tokenize_sources([DataSource(path=str(tmp_path / "disk"), split="test")], DataConfig(), tok)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(DataError, match="training dataset is empty after loading .*empty.jsonl"):
+    with pytest.raises(DataError, match="the training data has no usable example after reading .*empty.jsonl: 0 usable examples") as e:
         build_rows([DataSource(path=str(tmp_path / "empty.jsonl"))], DataConfig(), tok, "training")
+    assert "DataStats(" not in str(e.value)

@@ -13,7 +13,7 @@ from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from ftscale.merge import MergeError, parse_size, stream_merge, verify_merge
-from ftscale.merge.safetensors_stream import read_header, read_tensor
+from ftscale.safetensors_stream import read_header, read_tensor
 
 from conftest import REPO, build_tiny_model
 
@@ -208,7 +208,7 @@ def test_existing_output_is_refused_unless_overwrite(lora_pair, tmp_path):
 
 
 def test_a_crash_mid_merge_leaves_no_output(lora_pair, tmp_path, monkeypatch):
-    from ftscale.merge import safetensors_stream
+    from ftscale import safetensors_stream
 
     base_dir, adapter = lora_pair
     calls = {"n": 0}

@@ -4,6 +4,7 @@ to the same logits (through peft itself for peft methods)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -127,11 +128,17 @@ def test_bf16_autocast_trains(tiny_model_dir, tiny_data, tmp_path):
     assert all(p.dtype == torch.float32 for p in recipe.model.parameters() if p.requires_grad)  # fp32 master weights
 
 
-def test_fp16_without_cuda_is_refused_before_loading(tiny_model_dir, tiny_data, tmp_path):
+def test_fp16_needs_cuda(tiny_model_dir, tiny_data, tmp_path):
+    """Refused before loading where there is no CUDA device; accepted (and trains) where there is one."""
     from ftscale.config import ConfigError
 
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"training.precision": "fp16"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+            run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"training.precision": "fp16"})
+        return
+    recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path, **{"training.precision": "fp16", "training.max_steps": 2})
+    recipe.train()
+    assert math.isfinite(recipe.history[-1]["train/loss"])
 
 
 def test_too_little_data_for_one_step_is_a_clear_error(tiny_model_dir, tiny_data, tmp_path):
@@ -167,4 +174,37 @@ def test_bad_data_fails_before_training_with_the_line(tiny_model_dir, tmp_path):
         capture_output=True, text=True, cwd=REPO,
     )
     assert proc.returncode == 2 and f"{bad}:2: not valid JSON" in proc.stderr
-    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # written first, for the post-mortem
+    assert load_config(tmp_path / "run/config.yaml").data.train[0].path == str(bad)
+
+
+def test_a_run_without_eval_data_completes_and_logs_no_eval(tiny_model_dir, tiny_data, tmp_path):
+    """No held-out data (the default) means no eval metrics, not a crash at the last step."""
+    out = tmp_path / "run"
+    settings = {"data.eval": "[]", "training.max_steps": 2, "training.eval_every": 1, "logging.console": True, "logging.wandb.mode": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "ftscale.cli", "train", *tiny_overrides(tiny_model_dir, tiny_data, out, **settings)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss_before"] is None and summary["eval_loss_after"] is None
+    assert (out / "adapter/adapter_model.safetensors").is_file() and (out / "checkpoints/step-00000002/manifest.json").is_file()
+    assert "eval/loss" not in proc.stderr and "step 2/2" in proc.stderr
+    assert all("eval/loss" not in h for h in summary["history"])
+
+
+def test_eval_fraction_holds_out_a_seeded_share_of_the_training_data(tiny_model_dir, tiny_data, tmp_path):
+    def rows(seed):
+        recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path / str(seed), **{"data.eval": "[]", "data.eval_fraction": 0.25, "data.packing": False, "training.seed": seed})
+        train, held = [tuple(r.input_ids) for r in recipe.train_rows], [tuple(r.input_ids) for r in recipe.eval_rows]
+        recipe.cleanup()
+        return train, held
+
+    train, held = rows(1)
+    assert len(held) == 12 and len(train) == 36  # 48 examples, a quarter held out
+    assert not set(held) & set(train)
+    assert rows(1) == (train, held) and rows(2)[1] != held  # the seed decides which
+
+
+def test_no_default_data(tmp_path):
+    cfg = load_config(None)
+    assert cfg.data.train == [] and cfg.data.eval == [] and cfg.data.eval_fraction == 0

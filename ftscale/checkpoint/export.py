@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ftscale.checkpoint.layout import CheckpointError, verify
+from ftscale.atomic_files import partial_folder, replace_folder
+from ftscale.checkpoint.layout import ADAPTER, CheckpointError, verify
 from ftscale.checkpoint.state import trainable_parameters
-from ftscale.checkpoint.store import read_shards
 from ftscale.config import load_config
 from ftscale.methods import attach_adapter, save_adapter
 
@@ -22,6 +22,11 @@ def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} exists: choose another or pass --overwrite")
+    if "base_config.json" not in ckpt.manifest["files"]:
+        raise CheckpointError(
+            f"{ckpt.path}: no base_config.json (the base model folder had no config.json when this checkpoint was "
+            "written), so the adapter's model cannot be rebuilt from the checkpoint alone"
+        )
     cfg = load_config(ckpt.path / "config.yaml")
     cfg.method.prompt.init_text = None  # the weights come from the checkpoint; no tokenizer needed to initialise
     with tempfile.TemporaryDirectory() as tmp:
@@ -32,23 +37,19 @@ def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(base_config)
     model = attach_adapter(base, cfg)
-    tensors = read_shards(ckpt.path / "adapter")
-    expected = set(trainable_parameters(model))
-    if expected != set(tensors):
-        first = sorted(expected ^ set(tensors))[0]
-        raise CheckpointError(f"{ckpt.path}: adapter tensors do not fit the {cfg.method.name} model described by its config (first: {first})")
+    tensors = ckpt.read_tensors(ADAPTER)
+    expected = {n: tuple(p.shape) for n, p in trainable_parameters(model).items()}
+    wrong = sorted(set(expected) ^ set(tensors)) or sorted(n for n in expected if tuple(tensors[n].shape) != expected[n])
+    if wrong:
+        raise CheckpointError(f"{ckpt.path}: adapter tensors do not fit the {cfg.method.name} model described by its config (first: {wrong[0]})")
     model.load_state_dict(tensors, strict=False, assign=True)
-    tmp_out = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = partial_folder(out)
     try:
         save_adapter(model, tmp_out, cfg)
         # The config the training run saved (true base path, target modules as trained) replaces the rebuilt one.
-        for f in (ckpt.path / "adapter_config").iterdir():
+        for f in ckpt.listed("adapter_config"):
             shutil.copy2(f, tmp_out / f.name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp_out.rename(out)
+        replace_folder(tmp_out, out)
     finally:
         shutil.rmtree(tmp_out, ignore_errors=True)
     return {"checkpoint": str(ckpt.path), "step": ckpt.step, "method": cfg.method.name, "out": str(out), "tensors": len(tensors), "written_by_ranks": ckpt.manifest["world_size"]}

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import torch
+
+from ftscale.atomic_files import write_text_atomically
 from ftscale.errors import FtscaleError
+from ftscale.safetensors_stream import load_safetensors
 
 log = logging.getLogger("ftscale")
 
@@ -24,6 +27,10 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 PREEMPTED = "PREEMPTED"
 STEP_DIR = re.compile(r"step-(\d{8})")
+# Sub-folders of a checkpoint: each holds one safetensors shard per rank (RNG: one file per rank).
+ADAPTER, OPTIMIZER, RNG = "adapter", "optimizer", "rng"
+TRAINER_STATE = "trainer_state.json"
+REQUIRED_FILES = (TRAINER_STATE, "config.yaml", "scheduler.json", f"{OPTIMIZER}/param_groups.json")
 
 
 class CheckpointError(FtscaleError, RuntimeError):
@@ -34,8 +41,12 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def partial_dir(root: Path, step: int) -> Path:
-    return root / f".{step_dir_name(step)}.partial"
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def rng_name(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
 
 
 def sha256(path: Path) -> str:
@@ -51,20 +62,11 @@ def write_manifest(ckpt: Path, step: int, extra: dict) -> dict:
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
-        "files": {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files},
+        "files": {p.relative_to(ckpt).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files},
         **extra,
     }
-    write_atomically(ckpt / MANIFEST, json.dumps(manifest, indent=2))
+    write_text_atomically(ckpt / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,44 @@ class Checkpoint:
     path: Path
     step: int
     manifest: dict
+
+    @property
+    def run_id(self) -> str | None:
+        """The run that wrote it (checkpoints written before runs had an identity have none)."""
+        return self.manifest.get("run_id")
+
+    def listed(self, folder: str) -> list[Path]:
+        """The files the manifest lists directly in `folder`, sorted: only these are ever read."""
+        return [self.path / rel for rel in sorted(self.manifest["files"]) if PurePosixPath(rel).parent == PurePosixPath(folder)]
+
+    def read_json(self, rel: str):
+        """A JSON file of the checkpoint; a corrupt one is a CheckpointError naming it."""
+        try:
+            return json.loads((self.path / rel).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: {rel} cannot be read ({e})") from None
+
+    def read_tensors(self, folder: str) -> dict[str, torch.Tensor]:
+        """Every tensor of every listed safetensors shard in `folder` (the adapter or optimizer of all ranks)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for f in self.listed(folder):
+            if f.suffix == ".safetensors":
+                tensors.update(load_safetensors(f)[0])
+        return tensors
+
+
+def _check_manifest(path: Path, manifest) -> None:
+    """A manifest that parses as JSON but is not one (no file list, paths leaving the folder) is corrupt."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(i, dict) and {"bytes", "sha256"} <= set(i) for i in files.values()):
+        raise CheckpointError(f"{path}: corrupt {MANIFEST}: it has no valid 'files' list")
+    for rel in files:
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts or not p.parts:
+            raise CheckpointError(f"{path}: corrupt {MANIFEST}: file {rel!r} points outside the checkpoint folder")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise CheckpointError(f"{path}: corrupt {MANIFEST}: it does not list {', '.join(missing)}")
 
 
 def verify(path: Path, checksums: bool) -> Checkpoint:
@@ -81,10 +121,12 @@ def verify(path: Path, checksums: bool) -> Checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint folder (expected a name like step-00000012)")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: incomplete checkpoint (no readable {MANIFEST}: {e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format_version')}, this ftscale reads {FORMAT_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {version}, this ftscale reads {FORMAT_VERSION}")
+    _check_manifest(path, manifest)
     for rel, info in manifest["files"].items():
         f = path / rel
         if not f.is_file() or f.stat().st_size != info["bytes"]:

@@ -6,24 +6,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
+import time
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ftscale.atomic_files import partial_folder, partial_path, recover_folder, remove_folder, replace_folder, write_text_atomically
 from ftscale.checkpoint.layout import (
+    ADAPTER,
     LATEST,
+    MANIFEST,
+    OPTIMIZER,
     PREEMPTED,
+    RNG,
     STEP_DIR,
+    TRAINER_STATE,
     Checkpoint,
     CheckpointError,
     complete_checkpoints,
-    partial_dir,
+    rng_name,
+    shard_name,
     step_dir_name,
     verify,
-    write_atomically,
     write_manifest,
 )
 from ftscale.checkpoint.state import (
@@ -33,12 +39,17 @@ from ftscale.checkpoint.state import (
     trainable_parameters,
 )
 from ftscale.config import FtscaleConfig, load_config, render_config
+from ftscale.safetensors_stream import load_safetensors
 
 log = logging.getLogger("ftscale")
 
 # Settings a resumed run must share with its checkpoint: the model and adapter shape, and everything that decides
 # which rows each step sees. Others (learning rate, logging, max_steps) may change between runs.
-IDENTITY_KEYS = ("model.path", "method.", "data.train", "data.max_seq_len", "data.packing", "data.train_on", "data.overlong", "training.seed")
+IDENTITY_KEYS = (
+    "model.path", "method.", "data.train", "data.eval_fraction", "data.max_seq_len", "data.packing", "data.train_on",
+    "data.overlong", "training.seed",
+)
+SUPERSEDED = "superseded"  # checkpoints of other runs found in the folder are moved here, never deleted or mixed
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -57,23 +68,13 @@ def config_differences(saved: FtscaleConfig, current: FtscaleConfig) -> list[str
     return [f"{k}: checkpoint has {a.get(k)!r}, this run has {b.get(k)!r}" for k in keys]
 
 
-def _shard_name(rank: int, world: int) -> str:
-    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
-
-
-def read_shards(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(folder.glob("shard-*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return tensors
-
-
-def _remove(path: Path) -> None:
-    """Rename first, then delete: a crash mid-delete leaves a dotted folder that is never taken for a checkpoint."""
-    doomed = path.with_name(f".deleting-{path.name}")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed)
+def _run_id_of(step_dir: Path) -> str | None:
+    """The run id in a checkpoint's manifest; None for one written before runs had ids or without a readable one."""
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest.get("run_id") if isinstance(manifest, dict) else None
 
 
 class CheckpointStore:
@@ -81,27 +82,80 @@ class CheckpointStore:
         self.cfg, self.acc = cfg, accelerator
         self.root = Path(cfg.checkpoint.dir or Path(cfg.training.output_dir) / "checkpoints")
         self.protected: Path | None = None  # the checkpoint this run resumed from: retention never deletes it
+        self.run_id: str | None = None  # set by start(): the identity every checkpoint of this run carries
+        self._own_legacy = False  # resumed from a checkpoint written before runs had ids: those count as this run's
+
+    # ---- run identity -------------------------------------------------------------------------------------------
+    def start(self, resumed: Checkpoint | None) -> str:
+        """Fix this run's identity and make the folder hold only its checkpoints. A resumed run keeps the id of the
+        checkpoint it resumed from; a fresh one gets a new id. Checkpoints of any other run (a fresh start in an old
+        output folder, or an auto-resume that found only broken checkpoints) are moved to `superseded/`, so that
+        retention can never delete this run's new checkpoints in favour of another run's higher step numbers.
+        Collective: every rank calls it; rank 0 does the file work."""
+        if resumed is not None and resumed.run_id is not None:
+            self.run_id = resumed.run_id
+        elif resumed is not None:  # a checkpoint from before run ids: its W&B id, if any, was kept beside it
+            self._own_legacy = True
+            id_file = Path(self.cfg.training.output_dir) / "wandb-run-id"
+            self.run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        else:
+            self.run_id = secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics; this doubles as one
+        if self.acc.is_main_process and self.root.is_dir():
+            self._clean_leftovers()
+            self._set_aside_other_runs()
+        self.acc.wait_for_everyone()
+        return self.run_id
+
+    def _owns(self, step_dir: Path) -> bool:
+        run = _run_id_of(step_dir)
+        return run == self.run_id or (run is None and self._own_legacy and (step_dir / MANIFEST).is_file())
+
+    def _clean_leftovers(self) -> None:
+        """What a crash left: partial saves and interrupted deletions are dropped (never loaded); a checkpoint caught
+        mid-replacement is put back (recover_folder)."""
+        for p in self.root.iterdir():
+            if not (p.is_dir() and p.name.startswith(".")):
+                continue
+            if p.name.endswith(".partial") or p.name.startswith(".deleting-"):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.endswith(".previous"):
+                recover_folder(self.root / p.name[1 : -len(".previous")])
+
+    def _set_aside_other_runs(self) -> None:
+        foreign = [p for p in sorted(self.root.iterdir()) if STEP_DIR.fullmatch(p.name) and not self._owns(p)]
+        if not foreign:
+            return
+        dest = self.root / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in foreign:
+            os.rename(p, dest / p.name)
+        if (self.root / LATEST).is_file():
+            os.rename(self.root / LATEST, dest / LATEST)
+        log.warning(
+            "%d checkpoint(s) of another run in %s moved to %s (this is run %s; set checkpoint.resume to a "
+            "checkpoint folder to continue one of them instead)", len(foreign), self.root, dest, self.run_id,
+        )
 
     # ---- save ---------------------------------------------------------------------------------------------------
     def save(self, step: int, model, access, scheduler, trainer_state: dict, write_adapter_config) -> Path:
         """Collective: every rank must call it. `model` is the unwrapped model; `access` reads its full state
         (state.state_access)."""
         acc, rank, world = self.acc, self.acc.process_index, self.acc.num_processes
-        tmp, final = partial_dir(self.root, step), self.root / step_dir_name(step)
+        final = self.root / step_dir_name(step)
+        tmp = partial_path(final)
+        log.debug("checkpoint step %d: writing shards", step)
         if acc.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a partial folder from a crash: never loaded, safe to drop
-            tmp.mkdir()
+            partial_folder(final)  # a partial folder from a crash: never loaded, safe to drop
         acc.wait_for_everyone()
         params = trainable_parameters(model)
         param_tensors, optim_tensors = access.collect(params, owned_names(list(params), rank, world))
         groups = access.groups(params)
-        for sub in ("adapter", "optimizer", "rng"):
+        for sub in (ADAPTER, OPTIMIZER, RNG):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
-        save_file(param_tensors, str(tmp / "adapter" / _shard_name(rank, world)))
-        save_file(optim_tensors, str(tmp / "optimizer" / _shard_name(rank, world)))
+        save_file(param_tensors, str(tmp / ADAPTER / shard_name(rank, world)))
+        save_file(optim_tensors, str(tmp / OPTIMIZER / shard_name(rank, world)))
         rng, rng_meta = rng_state()
-        save_file(rng, str(tmp / "rng" / f"rank-{rank:05d}.safetensors"), metadata=rng_meta)
+        save_file(rng, str(tmp / RNG / rng_name(rank)), metadata=rng_meta)
         acc.wait_for_everyone()
         if acc.is_main_process:
             self._finalise(tmp, final, step, world, groups, scheduler, trainer_state, write_adapter_config)
@@ -109,35 +163,35 @@ class CheckpointStore:
         return final
 
     def _finalise(self, tmp, final, step, world, groups, scheduler, trainer_state, write_adapter_config) -> None:
-        expected = [tmp / sub / _shard_name(r, world) for sub in ("adapter", "optimizer") for r in range(world)]
-        expected += [tmp / "rng" / f"rank-{r:05d}.safetensors" for r in range(world)]
+        expected = [tmp / sub / shard_name(r, world) for sub in (ADAPTER, OPTIMIZER) for r in range(world)]
+        expected += [tmp / RNG / rng_name(r) for r in range(world)]
         missing = [str(p.relative_to(tmp)) for p in expected if not p.is_file()]
         if missing:
             raise CheckpointError(
                 f"checkpoint {tmp}: files of other ranks did not arrive ({', '.join(missing[:3])}): checkpoint.dir must be "
                 "a folder every node sees (a shared filesystem), not node-local storage"
             )
-        (tmp / "optimizer" / "param_groups.json").write_text(json.dumps(groups, indent=2))
+        (tmp / OPTIMIZER / "param_groups.json").write_text(json.dumps(groups, indent=2))
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), indent=2))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "run_id": self.run_id}, indent=2))
         (tmp / "config.yaml").write_text(render_config(self.cfg))
         base_config = Path(self.cfg.model.path) / "config.json"
         if base_config.is_file():  # lets export-adapter rebuild the model skeleton without the base weights
             shutil.copy2(base_config, tmp / "base_config.json")
         write_adapter_config(tmp / "adapter_config")
-        write_manifest(tmp, step, {"world_size": world, "method": self.cfg.method.name})
-        if final.exists():
-            _remove(final)
-        os.rename(tmp, final)
-        write_atomically(self.root / LATEST, final.name)
+        write_manifest(tmp, step, {"world_size": world, "method": self.cfg.method.name, "run_id": self.run_id})
+        log.debug("checkpoint step %d: manifest written, renaming into place", step)
+        replace_folder(tmp, final)
+        write_text_atomically(self.root / LATEST, final.name)
         self._retain()
         log.info("checkpoint %s written", final)
 
     def _retain(self) -> None:
-        steps = sorted(p for p in self.root.iterdir() if STEP_DIR.fullmatch(p.name))
-        for old in steps[: -self.cfg.checkpoint.keep_last]:
+        """Keep this run's newest `keep_last` checkpoints (and the one it resumed from); other runs' are not ours."""
+        mine = sorted(p for p in self.root.iterdir() if STEP_DIR.fullmatch(p.name) and self._owns(p))
+        for old in mine[: -self.cfg.checkpoint.keep_last]:
             if self.protected is None or old.resolve() != self.protected.resolve():
-                _remove(old)
+                remove_folder(old)
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def find_resume(self) -> Checkpoint | None:
@@ -151,10 +205,14 @@ class CheckpointStore:
 
     def load(self, ckpt: Checkpoint, model, access, scheduler, rows_per_step: int, num_rows: int) -> dict:
         """Restore everything from `ckpt` into this run; returns the saved trainer state."""
+        log.info("resuming from %s", ckpt.path)
         diffs = config_differences(load_config(ckpt.path / "config.yaml"), self.cfg)
         if diffs:
             raise CheckpointError(f"{ckpt.path} was written by a different run:\n  " + "\n  ".join(diffs) + "\n  (use another training.output_dir or checkpoint.resume=none to start fresh)")
-        state = json.loads((ckpt.path / "trainer_state.json").read_text())
+        state = ckpt.read_json(TRAINER_STATE)
+        missing = [k for k in ("step", "rows_per_step", "num_train_rows", "history", "eval_loss_before", "tokens_seen") if k not in state]
+        if missing:
+            raise CheckpointError(f"{ckpt.path}: {TRAINER_STATE} lacks {', '.join(missing)}: not written by this ftscale")
         if state["rows_per_step"] != rows_per_step:
             raise CheckpointError(
                 f"{ckpt.path}: written with {state['rows_per_step']} rows per optimizer step (micro_batch_size x processes x "
@@ -164,13 +222,12 @@ class CheckpointStore:
             )
         if state["num_train_rows"] != num_rows:
             raise CheckpointError(f"{ckpt.path}: the training data had {state['num_train_rows']} rows, now {num_rows}: the data changed")
-        groups = json.loads((ckpt.path / "optimizer" / "param_groups.json").read_text())
-        access.restore(trainable_parameters(model), read_shards(ckpt.path / "adapter"), read_shards(ckpt.path / "optimizer"), groups)
-        scheduler.load_state_dict(json.loads((ckpt.path / "scheduler.json").read_text()))
-        rng_file = ckpt.path / "rng" / f"rank-{self.acc.process_index:05d}.safetensors"
-        if rng_file.is_file():
-            with safe_open(str(rng_file), framework="pt") as sf:
-                restore_rng({k: sf.get_tensor(k) for k in sf.keys()}, sf.metadata())
+        groups = ckpt.read_json(f"{OPTIMIZER}/param_groups.json")
+        access.restore(trainable_parameters(model), ckpt.read_tensors(ADAPTER), ckpt.read_tensors(OPTIMIZER), groups)
+        scheduler.load_state_dict(ckpt.read_json("scheduler.json"))
+        rng_file = ckpt.path / RNG / rng_name(self.acc.process_index)
+        if rng_file in ckpt.listed(RNG):
+            restore_rng(*load_safetensors(rng_file))
         else:  # more processes than when it was saved: this rank has no saved RNG; data order does not depend on it
             log.warning("no RNG state for rank %d in %s (saved with %d processes)", self.acc.process_index, ckpt.path, ckpt.manifest["world_size"])
         self.protected = ckpt.path
@@ -181,7 +238,7 @@ class CheckpointStore:
     def mark_preempted(self, info: dict) -> None:
         if self.acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.root / PREEMPTED, json.dumps(info))
+            write_text_atomically(self.root / PREEMPTED, json.dumps(info))
 
     def clear_preempted(self) -> None:
         if self.acc.is_main_process:

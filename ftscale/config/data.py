@@ -17,10 +17,11 @@ class DataSource(Section):
 
 class DataConfig(Section):
     train: list[DataSource] = Field(
-        default_factory=lambda: [DataSource(path="data/demo/train.jsonl")], description="Training sources, concatenated."
+        default_factory=list, description="Training sources, concatenated (required: a run without them stops and says so)."
     )
-    eval: list[DataSource] = Field(
-        default_factory=lambda: [DataSource(path="data/demo/eval.jsonl")], description="Held-out sources for eval loss (may be empty)."
+    eval: list[DataSource] = Field(default_factory=list, description="Held-out sources for eval loss (empty: no eval metrics).")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Also hold out this fraction of the training examples for eval (a seeded split; 0: none)."
     )
     max_seq_len: int = Field(512, gt=8, description="Longest tokenised example (and packed row) in tokens.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than max_seq_len; both are counted.")

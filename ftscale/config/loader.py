@@ -43,7 +43,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value (for example training.learning_rate=1e-4)")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}); quote the whole override for the shell and "
+            "write lists and mappings in full, e.g. \"data.train=[{path: my.jsonl}]\""
+        ) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
@@ -92,7 +99,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 def _describe(err: dict, source: str, lines: dict[str, int], overridden: set[str]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal"))))
     key = ".".join(str(p) for p in loc)
-    where = "command-line override" if key in overridden else (f"{source}:{lines[key]}" if key in lines else source)
+    from_override = any(key == o or key.startswith(o + ".") for o in overridden)
+    where = "command-line override" if from_override else (f"{source}:{lines[key]}" if key in lines else source)
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc)
         valid = list(owner.model_fields) if owner else []
@@ -116,6 +124,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config {source}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not a text (UTF-8) file: byte {e.start} cannot be decoded") from None
     try:
         raw = yaml.safe_load(text) or {}
         lines = _key_lines(text) if text else {}

@@ -18,4 +18,5 @@ class WandbSection(Section):
 
 class LoggingConfig(Section):
     console: bool = Field(True, description="Print a progress line every training.log_every steps on the main process.")
+    level: Literal["info", "debug"] = Field("info", description="Log detail; debug adds each checkpoint phase (writing, renaming).")
     wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases settings.")

@@ -7,11 +7,12 @@ from pydantic import Field
 from ftscale.config.base import Section
 
 DType = Literal["float32", "bfloat16", "float16"]
+DEFAULT_MODEL_PATH = ".cache/ftscale/models/SmolLM2-135M-Instruct"  # what `ftscale import-gguf` writes
 
 
 class ModelConfig(Section):
     path: str = Field(
-        ".cache/ftscale/models/SmolLM2-135M-Instruct",
+        DEFAULT_MODEL_PATH,
         description="Hugging Face model folder (or hub name where a hub is reachable); `ftscale import-gguf` makes the default.",
     )
     dtype: DType = Field("float32", description="dtype the frozen base weights are loaded in (ignored for the 4-bit QLoRA base).")

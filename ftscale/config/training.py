@@ -1,10 +1,13 @@
 """`training:` the optimisation loop."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from ftscale.config.base import Section
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class TrainingConfig(Section):
@@ -16,7 +19,7 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
         "auto", description="AdamW kernel: auto picks fused where the device supports it, else foreach."

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from ftscale.config.data import DataConfig, DataSource
 from ftscale.data.formats import to_example
 from ftscale.data.packing import Row, pack_examples, single_rows
@@ -59,10 +61,51 @@ def tokenize_sources(sources: list[DataSource], cfg: DataConfig, tokenizer) -> t
     return out, stats
 
 
+def describe(stats: DataStats) -> str:
+    """The counts in words, for logs and errors."""
+    parts = [f"{stats.examples} usable examples ({stats.tokens} tokens, {stats.loss_tokens} with loss)"]
+    for count, what in (
+        (stats.skipped, "malformed rows skipped"),
+        (stats.truncated, "truncated to data.max_seq_len"),
+        (stats.dropped, "dropped as longer than data.max_seq_len"),
+        (stats.no_loss, "dropped with no token to learn from"),
+    ):
+        if count:
+            parts.append(f"{count} {what}")
+    return ", ".join(parts)
+
+
+def _rows(examples: list[TokenizedExample], cfg: DataConfig) -> list[Row]:
+    return pack_examples(examples, cfg.max_seq_len) if cfg.packing else single_rows(examples)
+
+
 def build_rows(sources: list[DataSource], cfg: DataConfig, tokenizer, what: str) -> tuple[list[Row], DataStats]:
     examples, stats = tokenize_sources(sources, cfg, tokenizer)
     if not examples:
         names = ", ".join(s.path for s in sources)
-        raise DataError(f"{what} dataset is empty after loading {names} ({stats})")
-    rows = pack_examples(examples, cfg.max_seq_len) if cfg.packing else single_rows(examples)
-    return rows, stats
+        raise DataError(f"the {what} data has no usable example after reading {names}: {describe(stats)}")
+    return _rows(examples, cfg), stats
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Row], list[Row], DataStats]:
+    """Training rows, held-out rows (data.eval plus a seeded data.eval_fraction of the training examples; may be
+    empty) and the training data's counts."""
+    if not cfg.train:
+        raise DataError(
+            "no training data: set data.train to your files, e.g. `data: {train: [{path: my.jsonl}]}` in the config "
+            "or the override data.train=[{path: my.jsonl}] (.jsonl, .json, .parquet, .csv or a datasets folder)"
+        )
+    examples, stats = tokenize_sources(cfg.train, cfg, tokenizer)
+    held_out: list[TokenizedExample] = []
+    if cfg.eval_fraction and examples:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        n = max(1, round(cfg.eval_fraction * len(examples)))
+        chosen = set(order[:n])
+        held_out = [ex for i, ex in enumerate(examples) if i in chosen]
+        examples = [ex for i, ex in enumerate(examples) if i not in chosen]
+    if not examples:
+        names = ", ".join(s.path for s in cfg.train)
+        raise DataError(f"the training data has no usable example after reading {names}: {describe(stats)}")
+    eval_rows = build_rows(cfg.eval, cfg, tokenizer, "eval")[0] if cfg.eval else []
+    eval_rows += _rows(held_out, cfg) if held_out else []
+    return _rows(examples, cfg), eval_rows, stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +24,33 @@ class SourceRow:
 
 
 def _jsonl(path: Path) -> Iterator[SourceRow]:
-    # Read by hand rather than through `datasets`: a bad line must be reported with its line number.
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    # Read by hand rather than through `datasets`: a bad line must be reported with its line number. Bytes are
+    # decoded line by line so that one line that is not UTF-8 is a bad row (skippable), not a failed file.
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may start the file
+            except UnicodeDecodeError as e:
+                yield SourceRow(where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"))
+                continue
             if not line.strip():
                 continue
             try:
-                yield SourceRow(f"{path}:{n}", json.loads(line))
+                yield SourceRow(where, json.loads(line))
             except json.JSONDecodeError as e:
-                yield SourceRow(f"{path}:{n}", DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})"))
+                yield SourceRow(where, DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
+            except RecursionError:
+                yield SourceRow(where, DataError(f"{where}: JSON nested too deeply to read"))
 
 
 def _json(path: Path) -> Iterator[SourceRow]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded); save the file as UTF-8") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json source must hold a list of objects") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
@@ -52,6 +66,25 @@ def _table(dataset, label: str, first_line: int | None = None) -> Iterator[Sourc
         yield SourceRow(f"{label}:{i + first_line}" if first_line else f"{label}[row {i}]", row)
 
 
+def _read_table(reader, path: Path, kind: str):
+    """A Parquet or CSV file through `datasets`, whose errors for a corrupt file come from several libraries
+    (pyarrow, pandas, its own builder): any of them means this one file cannot be read, so each is reported so."""
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
+
+    quiet = logging.getLogger("datasets")  # it logs the same failure on its own; ours is the one line that counts
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return reader(str(path))
+    except (DatasetGenerationError, ArrowException, ValueError, OSError, UnicodeDecodeError) as e:
+        cause = e.__cause__ or e
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"{path}: cannot be read as {kind} ({detail}); check the file is complete and really {kind}") from None
+    finally:
+        quiet.setLevel(level)
+
+
 def read_rows(source: DataSource) -> Iterator[SourceRow]:
     """Rows of one source in file order. Errors of single rows are yielded as `DataError` rows so that the
     caller decides (raise or skip); errors about the whole source are raised."""
@@ -65,9 +98,9 @@ def read_rows(source: DataSource) -> Iterator[SourceRow]:
         elif suffix == ".json":
             yield from _json(path)
         elif suffix == ".parquet":
-            yield from _table(datasets.Dataset.from_parquet(str(path)), str(path))
+            yield from _table(_read_table(datasets.Dataset.from_parquet, path, "Parquet"), str(path))
         elif suffix == ".csv":
-            yield from _table(datasets.Dataset.from_csv(str(path)), str(path), first_line=2)  # line 1 is the header
+            yield from _table(_read_table(datasets.Dataset.from_csv, path, "CSV"), str(path), first_line=2)  # line 1: header
         else:
             raise DataError(f"{path}: unsupported file type '{suffix}': use .jsonl, .json, .parquet or .csv")
     elif path.is_dir():

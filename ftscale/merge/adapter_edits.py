@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ftscale.errors import FtscaleError
-from ftscale.merge.safetensors_stream import read_header, read_tensor
+from ftscale.safetensors_stream import read_header, read_tensor
 from ftscale.methods.bottleneck import is_bottleneck_adapter
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -34,7 +34,8 @@ class MergeError(FtscaleError, ValueError):
 class AdapterEdits:
     peft_type: str
     edits: dict[str, list[Edit]] = field(default_factory=lambda: defaultdict(list))  # base tensor name -> edits
-    expected_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base tensor name -> shape it must have
+    # base tensor name -> shape it must have (None in a dimension the adapter does not fix: IA3 scales one side)
+    expected_shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
     optional: set[str] = field(default_factory=set)  # edits that apply only where the base has the tensor (IA3 biases)
     quantized_base: bool = False
 
@@ -67,11 +68,16 @@ def _lora_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) 
     for module, parts in modules.items():
         r = _pattern_value(module, cfg.get("rank_pattern") or {}, cfg["r"])
         alpha = _pattern_value(module, cfg.get("alpha_pattern") or {}, cfg["lora_alpha"])
+        if not _positive_number(r) or not _positive_number(alpha):
+            raise MergeError(f"adapter_config.json: rank {r!r} and lora_alpha {alpha!r} of {module} must be positive numbers")
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        if "lora_embedding_A" in parts:  # an adapted embedding: delta is (B @ A)^T, shape [vocab, dim]
-            down, up, transpose = parts["lora_embedding_A"], parts["lora_embedding_B"], True
-        else:
-            down, up, transpose = parts["lora_A.weight"], parts["lora_B.weight"], fan_in_fan_out
+        pair = ("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in parts else ("lora_A.weight", "lora_B.weight")
+        if not all(k in parts for k in pair):
+            raise MergeError(f"adapter_model: {module} has only {', '.join(sorted(parts))}; LoRA needs both {pair[0]} and {pair[1]}")
+        down, up = parts[pair[0]], parts[pair[1]]
+        transpose = True if pair[0] == "lora_embedding_A" else fan_in_fan_out  # an embedding's delta is (B @ A)^T
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise MergeError(f"adapter_model: {module}'s {pair[1]} {tuple(up.shape)} and {pair[0]} {tuple(down.shape)} do not multiply")
         shape = (up.shape[0], down.shape[1])
         name = f"{module}.weight"
         out.expected_shapes[name] = shape[::-1] if transpose else shape
@@ -106,6 +112,10 @@ def _ia3_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -
         ff = cfg.get("feedforward_modules") or []
         is_ff = bool(re.fullmatch(ff, module)) if isinstance(ff, str) else any(module.endswith(k) for k in ff)
         s = scale.T if fan_in_fan_out else scale
+        if s.dim() != 2 or 1 not in s.shape:
+            raise MergeError(f"adapter_model: {key} has shape {tuple(scale.shape)}, not an IA3 vector")
+        # (out, 1) scales output rows, (1, in) input columns: the base weight must agree in that dimension.
+        out.expected_shapes[f"{module}.weight"] = (s.shape[0], None) if s.shape[1] == 1 else (None, s.shape[1])
         out.edits[f"{module}.weight"].append(lambda w, s=s: w * s)
         if not is_ff:
             out.edits[f"{module}.bias"].append(lambda b, s=scale: b * s.reshape(b.shape))
@@ -130,6 +140,23 @@ def _full_tensor_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: Adapter
             out.edits[name].append(lambda _w, v=value: v)
 
 
+REQUIRED_KEYS = {"LORA": ("r", "lora_alpha"), "IA3": ()}
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _read_adapter_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: not valid JSON ({e}): the adapter folder is damaged; export or save the adapter again") from None
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{path}: must hold a JSON object (peft's adapter config)")
+    return cfg
+
+
 def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
     adapter_dir = Path(adapter_dir)
     if is_bottleneck_adapter(adapter_dir):
@@ -140,7 +167,7 @@ def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise MergeError(f"{adapter_dir}: no adapter_config.json: not a peft adapter folder")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _read_adapter_config(cfg_path)
     peft_type = cfg.get("peft_type", "")
     if peft_type in NOT_MERGEABLE:
         raise MergeError(
@@ -150,6 +177,9 @@ def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
         )
     if peft_type not in ("LORA", "IA3"):
         raise MergeError(f"{adapter_dir}: peft_type {peft_type!r} is not supported by the streaming merge (LORA, IA3 are)")
+    missing = [k for k in REQUIRED_KEYS[peft_type] if k not in cfg]
+    if missing:
+        raise MergeError(f"{cfg_path}: no {', '.join(repr(k) for k in missing)}, which a {peft_type} adapter config must have")
     tensors = {k.removeprefix(PREFIX): v for k, v in _load_adapter_tensors(adapter_dir).items()}
     out = AdapterEdits(peft_type)
     _full_tensor_edits(cfg, tensors, out)  # replacements first: a delta then applies to the replaced tensor

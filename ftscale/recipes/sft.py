@@ -20,7 +20,8 @@ from accelerate.utils import set_seed
 from ftscale.checkpoint import CheckpointStore, Preempted, PreemptionWatcher
 from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
-from ftscale.data import build_rows, collate
+from ftscale.atomic_files import partial_folder, replace_folder, write_text_atomically
+from ftscale.data import build_datasets, collate, describe
 from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.fsdp import (
     fsdp_settings,
@@ -76,7 +77,12 @@ class SFTRecipe:
             format=f"%(asctime)s [rank {self.accelerator.process_index}] %(message)s",
             datefmt="%H:%M:%S",
         )
+        debug = cfg.logging.level == "debug" and self.accelerator.is_main_process
+        log.setLevel(logging.DEBUG if debug else logging.NOTSET)  # debug: ftscale's own detail, not every library's
         acc = self.accelerator
+        if acc.is_main_process:  # first: it is what a user inspects when a run fails
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(self.out / "config.yaml", render_config(cfg))
         self.fsdp = fsdp_settings()
         if is_deepspeed(acc):  # before the model: ZeRO-3 loading reads this config too
             configure_deepspeed(acc, cfg.training, cfg.distributed)
@@ -88,13 +94,12 @@ class SFTRecipe:
         self._setup_model()
         self._setup_optimizer()
         self._resume()
-        self.metrics = MetricLogger(cfg, self.accelerator.is_main_process, self.total_steps)
+        self.metrics = MetricLogger(cfg, self.accelerator.is_main_process, self.total_steps, self.run_id)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.tokenizer, self.added_tokens = load_tokenizer(cfg.model)
-        self.train_rows, self.train_stats = build_rows(cfg.data.train, cfg.data, self.tokenizer, "training")
-        self.eval_rows = build_rows(cfg.data.eval, cfg.data, self.tokenizer, "eval")[0] if cfg.data.eval else []
+        self.train_rows, self.eval_rows, self.train_stats = build_datasets(cfg.data, self.tokenizer, cfg.training.seed)
         t = cfg.training
         self.rows_per_step = t.micro_batch_size * self.accelerator.num_processes * t.gradient_accumulation_steps
         self.steps_per_epoch = len(self.train_rows) // self.rows_per_step
@@ -104,10 +109,9 @@ class SFTRecipe:
                 "(micro_batch_size x processes x gradient_accumulation_steps): lower those or add data"
             )
         self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
-        s = self.train_stats
         log.info(
-            "data: %d examples -> %d rows (packing=%s), %d tokens, %d with loss; skipped %d, truncated %d, dropped %d",
-            s.examples, len(self.train_rows), cfg.data.packing, s.tokens, s.loss_tokens, s.skipped, s.truncated, s.dropped,
+            "data: %s -> %d training rows (packing=%s), %d held-out rows",
+            describe(self.train_stats), len(self.train_rows), cfg.data.packing, len(self.eval_rows),
         )
 
     def _setup_model(self) -> None:
@@ -176,6 +180,7 @@ class SFTRecipe:
             )
             self.start_step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.history, self.eval_loss_before = state["history"], state["eval_loss_before"]
+        self.run_id = self.store.start(ckpt)
         self.store.clear_preempted()
 
     # ---- data order --------------------------------------------------------------------------------------------
@@ -251,7 +256,7 @@ class SFTRecipe:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
             done = step + 1 == self.total_steps
-            if cfg.training.eval_every and (step + 1) % cfg.training.eval_every == 0 and not done:
+            if cfg.training.eval_every and (step + 1) % cfg.training.eval_every == 0 and not done and self.eval_rows:
                 record["eval/loss"] = self.evaluate()
                 self.model.train()
             if (step + 1) % cfg.training.log_every == 0 or done:
@@ -269,7 +274,8 @@ class SFTRecipe:
                 self.save_checkpoint(step + 1)
                 last_save = time.monotonic()
         self.eval_loss_after = self.evaluate()
-        self.metrics.log(self.total_steps, {"eval/loss": self.eval_loss_after})
+        if self.eval_loss_after is not None:
+            self.metrics.log(self.total_steps, {"eval/loss": self.eval_loss_after})
         self.save_checkpoint(self.total_steps)
 
     def save_checkpoint(self, step: int):
@@ -324,10 +330,12 @@ class SFTRecipe:
         self.accelerator.wait_for_everyone()
         with gathered(trainable, self.accelerator), unsharded_for_saving(model):
             state = full_trainable_state_dict(model) if self.fsdp is not None else None
-            if self.accelerator.is_main_process:
-                save_adapter(model, out, self.cfg, state_dict=state)
-                self.tokenizer.save_pretrained(out)
-                check_saved_adapter(out, {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
+            if self.accelerator.is_main_process:  # built aside and checked, then moved into place whole
+                tmp = partial_folder(out)
+                save_adapter(model, tmp, self.cfg, state_dict=state)
+                self.tokenizer.save_pretrained(tmp)
+                check_saved_adapter(tmp, {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
+                replace_folder(tmp, out)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -344,9 +352,7 @@ class SFTRecipe:
             "history": self.history,
         }
         if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            (self.out / "config.yaml").write_text(render_config(self.cfg))
+            write_text_atomically(self.out / "summary.json", json.dumps(summary, indent=2))
         self.metrics.finish({k: v for k, v in summary.items() if isinstance(v, float)})
         return summary
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from pathlib import Path
 
@@ -13,7 +12,10 @@ log = logging.getLogger("ftscale")
 
 
 class MetricLogger:
-    def __init__(self, cfg: FtscaleConfig, is_main: bool, total_steps: int):
+    """`run_id` is the run's identity from the checkpoint store (CheckpointStore.start): a resumed run keeps it and
+    so continues its W&B run; a fresh run in the same output folder has a new one and starts a new W&B run."""
+
+    def __init__(self, cfg: FtscaleConfig, is_main: bool, total_steps: int, run_id: str):
         self.cfg, self.is_main, self.total = cfg, is_main, total_steps
         self.start = time.monotonic()
         self.run = None
@@ -29,22 +31,15 @@ class MetricLogger:
                 dir=str(out),
                 mode=wb.mode,
                 config=cfg.model_dump(mode="json"),
-                id=self._run_id(out, cfg.checkpoint.resume != "none"),
-                resume="allow",
+                id=run_id,
+                resume="allow",  # a fresh run has a new id, so only a resumed run continues one
             )
+            (Path(cfg.training.output_dir) / "wandb-run-id").write_text(run_id)  # for `wandb sync` and scripts
 
-    @staticmethod
-    def _run_id(out: Path, resuming: bool) -> str:
-        """The W&B run id, kept in the output folder so a resumed (or requeued) run continues the same W&B run."""
-        id_file = out / "wandb-run-id"
-        if resuming and id_file.is_file():
-            return id_file.read_text().strip()
-        run_id = secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics
-        id_file.write_text(run_id)
-        return run_id
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.is_main:
+    def log(self, step: int, metrics: dict[str, float | None]) -> None:
+        """Log the metrics that have a value (None: not measured in this run, e.g. eval without eval data)."""
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        if not self.is_main or not metrics:
             return
         if self.run is not None:
             self.run.log(metrics, step=step)
