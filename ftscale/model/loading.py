@@ -17,25 +17,25 @@ from ftscale.model.bnb_cpu import disable_cpu_weight_repacking
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
-def check_model_path(model_cfg: ModelConfig) -> None:
-    """A `model.path` that cannot be loaded is a config error, not a hub error or a traceback from deep inside
-    transformers. A name like org/model is left to the hub where one is reachable."""
-    path = Path(model_cfg.path)
+def check_model_path(name: str, option: str = "model.path") -> None:
+    """A model folder that cannot be loaded is a config error naming `option`, not a hub error or a traceback from
+    deep inside transformers. A name like org/model is left to the hub where one is reachable."""
+    path = Path(name)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={model_cfg.path}: the folder has no config.json, so it is not a Hugging Face model folder")
+            raise ConfigError(f"{option}={name}: the folder has no config.json, so it is not a Hugging Face model folder")
         return
-    looks_local = path.is_absolute() or model_cfg.path.startswith(".") or len(path.parts) > 2 or path.exists()
+    looks_local = path.is_absolute() or name.startswith(".") or len(path.parts) > 2 or path.exists()
     if looks_local or offline:
-        hint = " (the default model: run `make model` or `ftscale import-gguf`)" if model_cfg.path == DEFAULT_MODEL_PATH else ""
-        raise ConfigError(f"model.path={model_cfg.path}: no such model folder{hint}")
+        hint = " (the default model: run `make model` or `ftscale import-gguf`)" if name == DEFAULT_MODEL_PATH else ""
+        raise ConfigError(f"{option}={name}: no such model folder{hint}")
 
 
 def load_tokenizer(model_cfg: ModelConfig):
     """The model's tokenizer with a chat template (ChatML if it has none) and a pad token.
     Returns (tokenizer, number of tokens added to the vocabulary)."""
-    check_model_path(model_cfg)
+    check_model_path(model_cfg.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
