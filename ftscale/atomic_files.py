@@ -26,6 +26,14 @@ def _aside(path: Path) -> Path:
     return path.with_name(f".{path.name}.previous")
 
 
+def _drop(path: Path) -> None:
+    """Delete a folder, or a file or link that stood where a folder was expected."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
 def remove_folder(path: Path) -> None:
     """Rename first, then delete: a crash mid-delete leaves a dotted folder that nothing takes for an output."""
     doomed = path.with_name(f".deleting-{path.name}")
@@ -38,10 +46,10 @@ def recover_folder(out: Path) -> None:
     """Finish a `replace_folder` that a crash interrupted: the previous output comes back if the new one never
     arrived; a leftover previous output is dropped if the new one did."""
     aside = _aside(out)
-    if not aside.exists():
+    if not (aside.exists() or aside.is_symlink()):
         return
-    if out.exists():
-        shutil.rmtree(aside)
+    if out.exists() or out.is_symlink():
+        _drop(aside)
     else:
         os.rename(aside, out)
         log.warning("restored %s from %s (an earlier replacement was interrupted)", out, aside)
@@ -53,11 +61,11 @@ def replace_folder(new: Path, out: Path) -> None:
     beside it (restored by `recover_folder`). `new` and `out` must be on one filesystem (siblings, in practice)."""
     recover_folder(out)
     aside = _aside(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         os.rename(out, aside)
     os.rename(new, out)
-    if aside.exists():
-        shutil.rmtree(aside)
+    if aside.exists() or aside.is_symlink():
+        _drop(aside)
 
 
 def partial_path(out: Path) -> Path:

@@ -48,7 +48,7 @@ def cmd_config_get(args) -> int:
     """One resolved value, for shell scripts (the Slurm scripts read the checkpoint folder this way); null prints ''."""
     value = load_config(args.config, args.overrides)
     for part in args.key.split("."):
-        if not hasattr(value, part):
+        if part not in getattr(type(value), "model_fields", {}):
             raise ConfigError(f"{args.key}: no such config key (`ftscale config show` lists them)")
         value = getattr(value, part)
     print("" if value is None else value)
@@ -82,6 +82,10 @@ def cmd_merge(args) -> int:
 def cmd_compare(args) -> int:
     from ftscale.evaluation.compare import compare_models, print_report
 
+    if args.limit is not None and args.limit < 1:
+        raise FtscaleError(f"--limit {args.limit}: give a positive number of examples")
+    if args.json_out and not Path(args.json_out).parent.is_dir():  # checked now, not after minutes of generation
+        raise FtscaleError(f"--json-out {args.json_out}: folder {Path(args.json_out).parent} does not exist")
     report = compare_models(args.base, args.tuned, args.data, max_new_tokens=args.max_new_tokens, limit=args.limit)
     print_report(report)
     if args.json_out:

@@ -7,6 +7,7 @@ little-endian header length, a JSON header of name -> dtype, shape, byte offsets
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.float8_e8m0fnu: "F8_E8M0",
 }
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 ALIGN = 8
@@ -42,22 +44,31 @@ class SafetensorsError(FtscaleError, ValueError):
     """A safetensors file that is truncated, corrupt or not safetensors at all; the message names file and tensor."""
 
 
+def _ints(value, count: int | None = None) -> bool:
+    """A JSON list of non-negative integers (booleans are not integers here), each small enough to be a size."""
+    return (
+        isinstance(value, list)
+        and (count is None or len(value) == count)
+        and all(type(v) is int and 0 <= v < 2**63 for v in value)
+    )
+
+
 def _entry(path: Path, name: str, h, data_start: int) -> TensorInfo:
     if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
         raise SafetensorsError(f"{path}: corrupt safetensors header: entry '{name}' lacks dtype, shape or data_offsets")
-    if h["dtype"] not in DTYPES:
+    if not isinstance(h["dtype"], str) or h["dtype"] not in DTYPES:
         raise SafetensorsError(f"{path}: tensor '{name}' has dtype {h['dtype']!r}, which ftscale does not read ({', '.join(DTYPES)})")
     shape, offsets = h["shape"], h["data_offsets"]
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not _ints(shape):
         raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{name}' has shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+    if not (_ints(offsets, 2) and offsets[0] <= offsets[1]):
         raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{name}' has data_offsets {offsets!r}")
     dtype = DTYPES[h["dtype"]]
-    info = TensorInfo(path, name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
-    want = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    if info.nbytes != want:
-        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{name}' {tuple(shape)} {h['dtype']} needs {want} bytes, its offsets span {info.nbytes}")
-    return info
+    # Python integers: torch.Size.numel() wraps around for absurd shapes, which would let them pass as 0 bytes.
+    want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if offsets[1] - offsets[0] != want:
+        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{name}' {tuple(shape)} {h['dtype']} needs {want} bytes, its offsets span {offsets[1] - offsets[0]}")
+    return TensorInfo(path, name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -76,7 +87,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise SafetensorsError(f"{path}: truncated or not safetensors: the header claims {length} bytes, the file has {size}")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise SafetensorsError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (its header is not a JSON object)")

@@ -25,7 +25,7 @@ from ftscale.cli import main
 from ftscale.config import load_config
 from ftscale.recipes.sft import recipe_main
 
-from conftest import build_tiny_model, demo_rows, tiny_overrides
+from conftest import build_tiny_model, demo_rows, tiny_overrides, write_jsonl
 
 GOOD = demo_rows(1)[0]
 
@@ -272,6 +272,39 @@ def _merge_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
         bad = _copy(base, tmp / "b")
         (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00009.safetensors"}}))
         return ["--base", bad, "--adapter", lora], "lists shard model-00009.safetensors, which is not in"
+    if case in ("invalid-regex", "token-index-out-of-range", "dora-magnitude-length", "peft-type-not-a-string", "no-weights"):
+        bad = _copy(lora, tmp / "a")
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        if case == "invalid-regex":
+            cfg["rank_pattern"] = {"q_proj(": 2}
+            message = "'q_proj(' is not a valid regular expression"
+        elif case == "peft-type-not-a-string":
+            cfg["peft_type"] = ["LORA"]
+            message = "peft_type must be a string"
+        elif case == "no-weights":
+            save_file({}, str(bad / "adapter_model.safetensors"))
+            message = "the adapter holds no LORA weights"
+        else:
+            tensors = load_file(str(bad / "adapter_model.safetensors"))
+            module = "base_model.model.model.layers.0.self_attn.q_proj"
+            if case == "dora-magnitude-length":
+                tensors[f"{module}.lora_magnitude_vector"] = torch.ones(7)
+                message = "q_proj.lora_magnitude_vector has 7 values for 64 output features"
+            else:
+                tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = torch.zeros(1, 64)
+                cfg["trainable_token_indices"] = [999]
+                message = "changes row 999 of 'model.embed_tokens.weight', which has 300 rows"
+            save_file(tensors, str(bad / "adapter_model.safetensors"))
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
+        return ["--base", base, "--adapter", bad], message
+    if case == "ftscale-meta-not-json":
+        bad = _copy(lora, tmp / "a")
+        (bad / "ftscale_adapter.json").write_text("{oops")
+        return ["--base", base, "--adapter", bad], "ftscale_adapter.json: not valid JSON"
+    if case in SAFETENSORS_DAMAGE:
+        bad = _copy(base, tmp / "b")
+        SAFETENSORS_DAMAGE[case][0](bad / "model.safetensors")
+        return ["--base", bad, "--adapter", lora], SAFETENSORS_DAMAGE[case][1]
     if case == "shard-size-zero":
         return ["--base", base, "--adapter", lora, "--max-shard-size", "0"], "shard size '0' is not positive"
     if case == "shard-size-words":
@@ -279,11 +312,36 @@ def _merge_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
     raise AssertionError(case)
 
 
+def _rewrite_header(path: Path, change) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    body = change(header, raw[8 + n :])
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+
+def _first(header: dict) -> dict:
+    return header[min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])]
+
+
+SAFETENSORS_DAMAGE = {
+    "st-too-short": (lambda p: p.write_bytes(b"\x01\x02"), "too short to be a safetensors file"),
+    "st-gap": (lambda p: _rewrite_header(p, lambda h, b: (_first(h)["data_offsets"].__setitem__(0, 4), _first(h)["data_offsets"].__setitem__(1, _first(h)["data_offsets"][1] + 4), b"\0" * 4 + b)[-1]),
+               "starts at byte"),
+    "st-trailing-bytes": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 16), "16 bytes after the last tensor"),
+    "st-unknown-dtype": (lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(dtype="F4"), b)[-1]), "has dtype 'F4', which ftscale does not read"),
+    "st-overflowing-shape": (lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(shape=[2**62, 4]), b)[-1]), "needs 73786976294838206464 bytes"),
+    "st-boolean-shape": (lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(shape=[True]), b)[-1]), "has shape [True]"),
+}
+
+
 MERGE_CASES = [
     "missing-base", "missing-adapter", "adapter-config-not-json", "adapter-config-without-r", "adapter-config-a-list",
     "truncated-adapter", "ia3-on-other-shapes", "lora-on-other-shapes", "prompt-adapter", "truncated-base",
     "base-header-garbage", "base-offsets-overlap", "base-without-config", "index-lists-missing-shard", "shard-size-zero",
-    "shard-size-words",
+    "shard-size-words", "invalid-regex", "token-index-out-of-range", "dora-magnitude-length", "peft-type-not-a-string",
+    "no-weights", "ftscale-meta-not-json", *SAFETENSORS_DAMAGE,
 ]
 
 
@@ -459,3 +517,56 @@ def test_generated_command_lines_end_in_a_result_or_a_one_line_error(argv, capsy
         err = capsys.readouterr().err
         assert "Traceback" not in err
     assert code in (0, 2)
+
+
+# ---- the other commands ---------------------------------------------------------------------------------------------
+def test_compare_and_import_gguf_refuse_bad_input(capsys, tiny_model_dir, tiny_data, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    not_chat = write_jsonl(tmp_path / "text.jsonl", [{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}])
+    base = ["compare", "--base", tiny_model_dir, "--tuned", tiny_model_dir]
+    assert_refused(capsys, [*base, "--data", empty], "empty.jsonl: no conversation to compare on")
+    assert_refused(capsys, [*base, "--data", not_chat], "text.jsonl:1: the last message must be the assistant's reference answer")
+    assert_refused(capsys, [*base, "--data", tiny_data["eval"], "--limit", "0"], "--limit 0: give a positive number")
+    assert_refused(capsys, [*base, "--data", tiny_data["eval"], "--json-out", tmp_path / "no/such/report.json"], "does not exist")
+    assert_refused(capsys, ["compare", "--base", tmp_path / "nope", "--tuned", tiny_model_dir, "--data", tiny_data["eval"]], "--base=")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    assert_refused(capsys, ["import-gguf", "--gguf", tmp_path / "bad.gguf", "--out", tmp_path / "model"], "bad.gguf: cannot be read as a GGUF model")
+    assert_refused(capsys, ["import-gguf", "--gguf", tmp_path / "none.gguf", "--out", tmp_path / "model"], "none.gguf: no such file")
+    assert not (tmp_path / "model").exists()
+
+
+def test_config_get_walks_config_keys_only(capsys):
+    assert_refused(capsys, ["config", "get", "model.path.upper"], "model.path.upper: no such config key")
+    assert_refused(capsys, ["config", "get", "model.model_dump"], "no such config key")
+
+
+def test_infinite_values_and_a_held_out_everything_are_refused(capsys, tiny_model_dir, tmp_path):
+    assert_refused(capsys, ["config", "show", "training.learning_rate=.inf"], "key 'training.learning_rate': Input should be a finite number")
+    one = write_jsonl(tmp_path / "one.jsonl", [GOOD])
+    overrides = tiny_overrides(tiny_model_dir, {"train": one, "eval": one}, tmp_path / "run", **{"data.eval": "[]", "data.eval_fraction": 0.5})
+    assert_refused(capsys, ["train", *overrides], "data.eval_fraction=0.5 held out all 1 of them")
+
+
+def test_a_model_folder_with_truncated_weights_is_named_before_loading(capsys, tiny_model_dir, tiny_data, tmp_path):
+    model = _copy(tiny_model_dir, tmp_path / "model")
+    _truncate(model / "model.safetensors", 0.5)
+    assert_refused(capsys, ["train", *tiny_overrides(model, tiny_data, tmp_path / "run")], "model.safetensors: truncated: tensor")
+
+
+@pytest.mark.parametrize("case", ["manifest-without-world-size", "manifest-missing-a-rank", "file-links-outside"])
+def test_manifests_that_do_not_describe_a_whole_checkpoint(case, capsys, checkpoint, tmp_path):
+    bad = _copy(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
+    if case == "manifest-without-world-size":
+        _manifest_edit(bad, lambda m: m.pop("world_size"))
+        message = "world_size must be a positive integer"
+    elif case == "manifest-missing-a-rank":
+        _manifest_edit(bad, lambda m: m.update(world_size=2))
+        message = "it does not list adapter/shard-00000-of-00002.safetensors"
+    else:
+        outside = tmp_path / "elsewhere.json"
+        outside.write_text((bad / "scheduler.json").read_text())
+        (bad / "scheduler.json").unlink()
+        (bad / "scheduler.json").symlink_to(outside)
+        message = "scheduler.json links outside the checkpoint folder"
+    assert_refused(capsys, ["export-adapter", bad, tmp_path / "exported"], message)

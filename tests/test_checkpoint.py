@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftscale.checkpoint import PREEMPTED, REQUEUE_EXIT_CODE, CheckpointError, complete_checkpoints, export_adapter, verify
+from ftscale.checkpoint.layout import write_manifest
 from ftscale.config import load_config
 from ftscale.recipes.sft import SFTRecipe, recipe_main
 
@@ -285,6 +286,9 @@ def test_resume_from_a_path_and_retention_spares_the_resumed_checkpoint(referenc
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
     assert names == ["step-00000036", "step-00000040"]  # keep_last=1, plus the one resumed from
+    # The old steps 39 and 40 lay past the resume point: set aside whole, not counted by retention against the new ones.
+    (aside,) = (root / "superseded").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000039", "step-00000040"]
     assert history(out) == history(reference)
 
 
@@ -304,7 +308,7 @@ def test_a_fresh_run_sets_another_runs_checkpoints_aside_instead_of_mixing(refer
     (aside,) = (root / "superseded").iterdir()
     assert step_names(aside) == ["step-00000036", "step-00000039", "step-00000040"]
     assert all(verify(p, checksums=True).run_id == old_id for p in aside.glob("step-*"))  # kept whole
-    assert f"3 checkpoint(s) of another run in {root} moved to {aside}" in fresh.stderr
+    assert f"3 checkpoint(s) of another run, or past the one resumed from, in {root} moved to {aside}" in fresh.stderr
 
 
 def test_a_run_that_found_only_broken_checkpoints_keeps_its_own_and_resumes_from_them(reference, tiny_model_dir, tiny_data, tmp_path):
@@ -329,6 +333,36 @@ def test_a_run_that_found_only_broken_checkpoints_keeps_its_own_and_resumes_from
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {root / f'step-{stopped:08d}'} (step {stopped}," in resumed.stderr
     assert history(out) == history(reference)
+    assert_same_adapter(adapter(out), adapter(reference))
+
+
+def test_a_checkpoint_from_before_run_ids_resumes_as_its_own_run(tiny_model_dir, tiny_data, tmp_path):
+    """Checkpoints written before runs had an identity (no run_id) still resume; the run keeps the W&B id that
+    was kept beside them, and its new checkpoints carry it."""
+    out = tmp_path / "run"
+    settings = {"training.max_steps": 2, "checkpoint.every_steps": 1, "checkpoint.keep_last": 1}
+    recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **settings)))
+    old = out / "checkpoints/step-00000002"
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["run_id"]
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((old / "manifest.json").read_text())
+    write_manifest(old, 2, {k: v for k, v in manifest.items() if k in ("world_size", "method")})
+    (out / "wandb-run-id").write_text("legacy01")
+    summary = recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{**settings, "training.max_steps": 3})))
+    assert summary["steps"] == 3
+    assert verify(out / "checkpoints/step-00000003", checksums=True).run_id == "legacy01"
+    assert step_names(out / "checkpoints") == ["step-00000002", "step-00000003"]  # the one resumed from is kept
+    assert not (out / "checkpoints/superseded").exists()  # a legacy checkpoint it resumed from is its own
+
+
+def test_a_finished_run_started_again_rewrites_nothing(reference, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = (out / "checkpoints/step-00000040/manifest.json").stat().st_mtime_ns
+    again = run(train_cmd(tiny_model_dir, tiny_data, out, **SLOW_ENOUGH))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "(step 40," in again.stderr and (out / "checkpoints/step-00000040/manifest.json").stat().st_mtime_ns == before
     assert_same_adapter(adapter(out), adapter(reference))
 
 

@@ -109,9 +109,13 @@ def _check_manifest(path: Path, manifest) -> None:
         p = PurePosixPath(rel)
         if p.is_absolute() or ".." in p.parts or not p.parts:
             raise CheckpointError(f"{path}: corrupt {MANIFEST}: file {rel!r} points outside the checkpoint folder")
-    missing = [f for f in REQUIRED_FILES if f not in files]
+    world, run_id = manifest.get("world_size"), manifest.get("run_id")
+    if type(world) is not int or world < 1 or not (run_id is None or isinstance(run_id, str)):
+        raise CheckpointError(f"{path}: corrupt {MANIFEST}: world_size must be a positive integer and run_id a string")
+    shards = [f"{sub}/{shard_name(r, world)}" for sub in (ADAPTER, OPTIMIZER) for r in range(world)]
+    missing = [f for f in (*REQUIRED_FILES, *shards, *(f"{RNG}/{rng_name(r)}" for r in range(world))) if f not in files]
     if missing:
-        raise CheckpointError(f"{path}: corrupt {MANIFEST}: it does not list {', '.join(missing)}")
+        raise CheckpointError(f"{path}: corrupt {MANIFEST}: it does not list {', '.join(missing[:3])}")
 
 
 def verify(path: Path, checksums: bool) -> Checkpoint:
@@ -127,8 +131,11 @@ def verify(path: Path, checksums: bool) -> Checkpoint:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise CheckpointError(f"{path}: checkpoint format {version}, this ftscale reads {FORMAT_VERSION}")
     _check_manifest(path, manifest)
+    inside = path.resolve()
     for rel, info in manifest["files"].items():
         f = path / rel
+        if not f.resolve().is_relative_to(inside):  # a symbolic link out of the folder
+            raise CheckpointError(f"{path}: {rel} links outside the checkpoint folder")
         if not f.is_file() or f.stat().st_size != info["bytes"]:
             raise CheckpointError(f"{path}: {rel} is missing or has the wrong size")
         if checksums and sha256(f) != info["sha256"]:

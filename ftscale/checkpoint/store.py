@@ -11,9 +11,17 @@ import shutil
 import time
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
-from ftscale.atomic_files import partial_folder, partial_path, recover_folder, remove_folder, replace_folder, write_text_atomically
+from ftscale.atomic_files import (
+    partial_folder,
+    partial_path,
+    recover_folder,
+    remove_folder,
+    replace_folder,
+    write_text_atomically,
+)
 from ftscale.checkpoint.layout import (
     ADAPTER,
     LATEST,
@@ -92,17 +100,17 @@ class CheckpointStore:
         output folder, or an auto-resume that found only broken checkpoints) are moved to `superseded/`, so that
         retention can never delete this run's new checkpoints in favour of another run's higher step numbers.
         Collective: every rank calls it; rank 0 does the file work."""
+        self._own_legacy = resumed is not None and resumed.run_id is None
         if resumed is not None and resumed.run_id is not None:
-            self.run_id = resumed.run_id
+            run_id = resumed.run_id
         elif resumed is not None:  # a checkpoint from before run ids: its W&B id, if any, was kept beside it
-            self._own_legacy = True
             id_file = Path(self.cfg.training.output_dir) / "wandb-run-id"
-            self.run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         else:
-            self.run_id = secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics; this doubles as one
+            run_id = secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics; this doubles as one
+        self.run_id = broadcast_object_list([run_id])[0] if self.acc.num_processes > 1 else run_id  # rank 0's
         if self.acc.is_main_process and self.root.is_dir():
-            self._clean_leftovers()
-            self._set_aside_other_runs()
+            self._set_aside(resumed)
         self.acc.wait_for_everyone()
         return self.run_id
 
@@ -121,19 +129,25 @@ class CheckpointStore:
             elif p.name.endswith(".previous"):
                 recover_folder(self.root / p.name[1 : -len(".previous")])
 
-    def _set_aside_other_runs(self) -> None:
-        foreign = [p for p in sorted(self.root.iterdir()) if STEP_DIR.fullmatch(p.name) and not self._owns(p)]
+    def _set_aside(self, resumed: Checkpoint | None) -> None:
+        """Move other runs' checkpoints, and this run's past the one it resumed from (a future that was given up:
+        broken ones, or newer ones when resuming from an older checkpoint on purpose), out of retention's way."""
+        after = resumed.step if resumed is not None else -1
+        foreign = [
+            p for p in sorted(self.root.iterdir())
+            if STEP_DIR.fullmatch(p.name) and (not self._owns(p) or int(p.name.removeprefix("step-")) > after)
+        ]
         if not foreign:
             return
-        dest = self.root / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S")
+        dest = self.root / SUPERSEDED / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.run_id}"
         dest.mkdir(parents=True, exist_ok=True)
         for p in foreign:
             os.rename(p, dest / p.name)
         if (self.root / LATEST).is_file():
             os.rename(self.root / LATEST, dest / LATEST)
         log.warning(
-            "%d checkpoint(s) of another run in %s moved to %s (this is run %s; set checkpoint.resume to a "
-            "checkpoint folder to continue one of them instead)", len(foreign), self.root, dest, self.run_id,
+            "%d checkpoint(s) of another run, or past the one resumed from, in %s moved to %s (this is run %s; set "
+            "checkpoint.resume to a checkpoint folder to continue one of them instead)", len(foreign), self.root, dest, self.run_id,
         )
 
     # ---- save ---------------------------------------------------------------------------------------------------
@@ -195,6 +209,10 @@ class CheckpointStore:
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def find_resume(self) -> Checkpoint | None:
+        """Collective. What a crash left is dealt with first, so that an interrupted swap never hides a checkpoint."""
+        if self.acc.is_main_process and self.root.is_dir():
+            self._clean_leftovers()
+        self.acc.wait_for_everyone()
         choice, checksums = self.cfg.checkpoint.resume, self.cfg.checkpoint.verify_checksums
         if choice == "none":
             return None

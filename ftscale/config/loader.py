@@ -55,7 +55,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
     """Set each `a.b.c=value` into the nested dict (values are parsed as YAML); return the overridden key paths.
-    A path through a key the file does not set starts from that key's default (so `data.train.0.path=x` works)."""
+    A path through a key the file does not set starts from that key's default; a list index must exist
+    (`data.train.0.path=x` changes the first source of a config that lists one)."""
     touched = set()
     for item in overrides:
         keys, value = _parse_override(item)

@@ -6,7 +6,6 @@ from pydantic import Field, model_validator
 
 from ftscale.config.base import Section
 
-
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 

@@ -105,7 +105,8 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Row], li
         examples = [ex for i, ex in enumerate(examples) if i not in chosen]
     if not examples:
         names = ", ".join(s.path for s in cfg.train)
-        raise DataError(f"the training data has no usable example after reading {names}: {describe(stats)}")
+        held = f"; data.eval_fraction={cfg.eval_fraction} held out all {len(held_out)} of them" if held_out else ""
+        raise DataError(f"the training data has no usable example after reading {names}: {describe(stats)}{held}")
     eval_rows = build_rows(cfg.eval, cfg, tokenizer, "eval")[0] if cfg.eval else []
     eval_rows += _rows(held_out, cfg) if held_out else []
     return _rows(examples, cfg), eval_rows, stats

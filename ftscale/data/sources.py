@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import is_offline_mode
+from pyarrow import ArrowException
+
 from ftscale.config.data import DataSource
 from ftscale.errors import FtscaleError
 
@@ -70,7 +73,6 @@ def _read_table(reader, path: Path, kind: str):
     """A Parquet or CSV file through `datasets`, whose errors for a corrupt file come from several libraries
     (pyarrow, pandas, its own builder): any of them means this one file cannot be read, so each is reported so."""
     from datasets.exceptions import DatasetGenerationError
-    from pyarrow import ArrowException
 
     quiet = logging.getLogger("datasets")  # it logs the same failure on its own; ours is the one line that counts
     level = quiet.level
@@ -108,12 +110,20 @@ def read_rows(source: DataSource) -> Iterator[SourceRow]:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as e:
             raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+        except (OSError, ValueError, KeyError, ArrowException, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: a damaged datasets folder ({str(e).splitlines()[0] if str(e) else type(e).__name__}); save it again") from None
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise DataError(f"{path}: has no split '{source.split}' (it has {', '.join(loaded)}); set split: in the source")
             loaded = loaded[source.split]
         yield from _table(loaded, str(path))
-    elif suffix in (".jsonl", ".json", ".parquet", ".csv") or path.parent != Path("."):
+    elif suffix in (".jsonl", ".json", ".parquet", ".csv") or path.is_absolute() or source.path.startswith(".") or len(path.parts) > 2:
         raise DataError(f"{path}: no such file or folder")
+    elif is_offline_mode():
+        raise DataError(f"{path}: no such file or folder (and no hub is reachable for a dataset of that name)")
     else:  # a hub dataset name such as "org/name"
-        yield from _table(datasets.load_dataset(source.path, split=source.split), source.path)
+        try:
+            loaded = datasets.load_dataset(source.path, split=source.split)
+        except (OSError, ValueError) as e:  # the hub's not-found errors are OSErrors
+            raise DataError(f"{path}: no such file or folder, nor a hub dataset ({str(e).splitlines()[0]})") from None
+        yield from _table(loaded, source.path)

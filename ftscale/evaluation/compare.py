@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftscale.config.data import DataConfig, DataSource
 from ftscale.data import collate, tokenize_sources
-from ftscale.data.packing import single_rows
 from ftscale.data.formats import to_example
+from ftscale.data.packing import single_rows
 from ftscale.data.sources import DataError, read_rows
 from ftscale.methods import load_adapter
 from ftscale.methods.bottleneck import is_bottleneck_adapter
@@ -71,6 +71,8 @@ def _conversations(data: str, limit: int | None) -> list[list[dict]]:
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{item.where}: the last message must be the assistant's reference answer")
         conversations.append(messages)
+    if not conversations[:limit]:
+        raise DataError(f"{data}: no conversation to compare on" + (f" (--limit {limit})" if limit is not None else ""))
     return conversations[:limit]
 
 

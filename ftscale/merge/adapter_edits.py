@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,8 +15,8 @@ from pathlib import Path
 import torch
 
 from ftscale.errors import FtscaleError
-from ftscale.safetensors_stream import read_header, read_tensor
 from ftscale.methods.bottleneck import is_bottleneck_adapter
+from ftscale.safetensors_stream import read_header, read_tensor
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 PREFIX = "base_model.model."
@@ -37,12 +38,20 @@ class AdapterEdits:
     # base tensor name -> shape it must have (None in a dimension the adapter does not fix: IA3 scales one side)
     expected_shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
     optional: set[str] = field(default_factory=set)  # edits that apply only where the base has the tensor (IA3 biases)
+    min_rows: dict[str, int] = field(default_factory=dict)  # base tensor name -> rows it must have (token indices)
     quantized_base: bool = False
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    try:
+        return bool(re.fullmatch(pattern, name))
+    except re.error as e:
+        raise MergeError(f"adapter_config.json: {pattern!r} is not a valid regular expression ({e})") from None
 
 
 def _pattern_value(name: str, pattern: dict, default):
     for key, value in pattern.items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+        if name == key or name.endswith("." + key) or _fullmatch(key, name):
             return value
     return default
 
@@ -54,7 +63,10 @@ def _load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
         return {name: read_tensor(info).float() for name, info in infos.items()}
     pt = adapter_dir / "adapter_model.bin"
     if pt.is_file():
-        return {k: v.float() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()}
+        try:
+            return {k: v.float() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()}
+        except (RuntimeError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as e:
+            raise MergeError(f"{pt}: cannot be read ({str(e).splitlines()[0]}): the file is damaged or not an adapter") from None
     raise MergeError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
 
 
@@ -88,6 +100,9 @@ def _lora_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) 
             return d.T if t else d
 
         magnitude = parts.get("lora_magnitude_vector")
+        for extra in ("lora_magnitude_vector", "lora_B.bias"):  # one value per output feature
+            if extra in parts and parts[extra].numel() != up.shape[0]:
+                raise MergeError(f"adapter_model: {module}.{extra} has {parts[extra].numel()} values for {up.shape[0]} output features")
         if magnitude is None:
             out.edits[name].append(lambda w, d=delta: w + d())
         else:  # DoRA: rescale each output row of W + dW to the learned magnitude
@@ -110,7 +125,7 @@ def _ia3_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -
         module = key.removesuffix(".ia3_l")
         # Feed-forward layers scale their input, ia3_l (1, in); others scale their output (and bias), ia3_l (out, 1).
         ff = cfg.get("feedforward_modules") or []
-        is_ff = bool(re.fullmatch(ff, module)) if isinstance(ff, str) else any(module.endswith(k) for k in ff)
+        is_ff = _fullmatch(ff, module) if isinstance(ff, str) else any(module.endswith(str(k)) for k in ff)
         s = scale.T if fan_in_fan_out else scale
         if s.dim() != 2 or 1 not in s.shape:
             raise MergeError(f"adapter_model: {key} has shape {tuple(scale.shape)}, not an IA3 vector")
@@ -131,7 +146,11 @@ def _full_tensor_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: Adapter
             idx = indices if isinstance(indices, list) else _pattern_value(module, indices or {}, None)
             if idx is None:
                 raise MergeError(f"trainable tokens for {module} have no indices in adapter_config.json")
+            if not (isinstance(idx, list) and all(type(i) is int and i >= 0 for i in idx) and len(idx) == value.shape[0]):
+                raise MergeError(f"adapter_config.json: trainable_token_indices for {module} must be {value.shape[0]} row numbers, got {idx!r}")
             index = torch.tensor(idx)
+            out.min_rows[f"{module}.weight"] = max(idx, default=-1) + 1
+            out.expected_shapes[f"{module}.weight"] = (None, value.shape[1])
             out.edits[f"{module}.weight"].append(lambda w, i=index, v=value: w.index_copy(0, i, v))
         elif not re.search(r"\.(lora_\w+|ia3_l)(\.weight|\.bias)?$", key):
             # peft saves a targeted embedding's own weight as `<module>.base_layer.weight` (save_embedding_layers)
@@ -150,10 +169,10 @@ def _positive_number(value) -> bool:
 def _read_adapter_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise MergeError(f"{path}: not valid JSON ({e}): the adapter folder is damaged; export or save the adapter again") from None
     if not isinstance(cfg, dict):
-        raise MergeError(f"{path}: must hold a JSON object (peft's adapter config)")
+        raise MergeError(f"{path}: must hold a JSON object")
     return cfg
 
 
@@ -169,6 +188,8 @@ def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
         raise MergeError(f"{adapter_dir}: no adapter_config.json: not a peft adapter folder")
     cfg = _read_adapter_config(cfg_path)
     peft_type = cfg.get("peft_type", "")
+    if not isinstance(peft_type, str):
+        raise MergeError(f"{cfg_path}: peft_type must be a string such as \"LORA\", got {peft_type!r}")
     if peft_type in NOT_MERGEABLE:
         raise MergeError(
             f"{adapter_dir} is a {NOT_MERGEABLE[peft_type]} adapter: it learns virtual tokens fed with every input, not "
@@ -184,6 +205,8 @@ def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
     out = AdapterEdits(peft_type)
     _full_tensor_edits(cfg, tensors, out)  # replacements first: a delta then applies to the replaced tensor
     (_lora_edits if peft_type == "LORA" else _ia3_edits)(cfg, tensors, out)
+    if not out.edits:
+        raise MergeError(f"{adapter_dir}: the adapter holds no {peft_type} weights, so merging would change nothing")
     meta = adapter_dir / "ftscale_adapter.json"
-    out.quantized_base = meta.is_file() and json.loads(meta.read_text()).get("quantized_base", False)
+    out.quantized_base = meta.is_file() and _read_adapter_config(meta).get("quantized_base", False) is True
     return out

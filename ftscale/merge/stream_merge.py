@@ -99,6 +99,8 @@ def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config
         if want is not None and (len(want) != len(have) or any(w is not None and w != h for w, h in zip(want, have))):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
             raise MergeError(f"adapter's '{name}' has shape {shown}, the base's is {have}: adapter and base do not match")
+        if edits.min_rows.get(name, 0) > have[0]:
+            raise MergeError(f"adapter changes row {edits.min_rows[name] - 1} of '{name}', which has {have[0]} rows: adapter and base do not match")
     embedding = _tied_embedding(tensors)
     if config.get("tie_word_embeddings") and embedding in edits.edits and "lm_head.weight" not in sources:
         # The adapted model changed only the input lookup; its tied head still used the original weights. Merging

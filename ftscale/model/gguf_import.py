@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -37,10 +38,13 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloa
         return out_dir
     tmp = partial_folder(out_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+            )
+        except (OSError, ValueError, KeyError, struct.error) as e:  # what gguf's reader raises for a damaged file
+            raise FtscaleError(f"{gguf_path}: cannot be read as a GGUF model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_folder(tmp, out_dir)

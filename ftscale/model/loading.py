@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import is_offline_mode
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -13,6 +13,7 @@ from ftscale.config import ConfigError, FtscaleConfig
 from ftscale.config.model import DEFAULT_MODEL_PATH, ModelConfig
 from ftscale.data import ensure_chat_template
 from ftscale.model.bnb_cpu import disable_cpu_weight_repacking
+from ftscale.safetensors_stream import read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
@@ -21,10 +22,12 @@ def check_model_path(name: str, option: str = "model.path") -> None:
     """A model folder that cannot be loaded is a config error naming `option`, not a hub error or a traceback from
     deep inside transformers. A name like org/model is left to the hub where one is reachable."""
     path = Path(name)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = is_offline_mode()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{option}={name}: the folder has no config.json, so it is not a Hugging Face model folder")
+        for weights in sorted(path.glob("*.safetensors")):  # headers only: a truncated copy is named before loading
+            read_header(weights)
         return
     looks_local = path.is_absolute() or name.startswith(".") or len(path.parts) > 2 or path.exists()
     if looks_local or offline:
@@ -64,15 +67,18 @@ def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | 
     empty=True: the same model on the meta device, with no weight held (FSDP2 / ZeRO-3 ranks other than 0, which
     receive their shards from rank 0). A 4-bit base is then a skeleton: see ftscale.model.quantized_skeleton."""
     quant = quantization_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path,
-        dtype=DTYPES[cfg.model.dtype] if quant is None else DTYPES[cfg.method.quantization.compute_dtype],
-        attn_implementation=cfg.model.attn_implementation,
-        quantization_config=quant,
-        # ZeRO-3 places (and partitions) the weights itself and refuses a device_map.
-        device_map={"": "meta"} if empty else {"": device} if quant is not None and not is_deepspeed_zero3_enabled() else None,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.path,
+            dtype=DTYPES[cfg.model.dtype] if quant is None else DTYPES[cfg.method.quantization.compute_dtype],
+            attn_implementation=cfg.model.attn_implementation,
+            quantization_config=quant,
+            # ZeRO-3 places (and partitions) the weights itself and refuses a device_map.
+            device_map={"": "meta"} if empty else {"": device} if quant is not None and not is_deepspeed_zero3_enabled() else None,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as e:  # transformers' way of saying a weights file is missing or unreadable
+        raise ConfigError(f"model.path={cfg.model.path}: cannot load the model ({str(e).splitlines()[0]})") from None
     if quant is None and not empty:
         model.to(device)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:

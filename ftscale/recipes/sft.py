@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from ftscale.atomic_files import partial_folder, replace_folder, write_text_atomically
 from ftscale.checkpoint import CheckpointStore, Preempted, PreemptionWatcher
 from ftscale.checkpoint.state import state_access
 from ftscale.config import ConfigError, FtscaleConfig, render_config
-from ftscale.atomic_files import partial_folder, replace_folder, write_text_atomically
 from ftscale.data import build_datasets, collate, describe
 from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.fsdp import (
@@ -42,6 +42,7 @@ from ftscale.distributed.zero import (
     partition_from_rank0,
     zero_stage,
 )
+from ftscale.errors import FtscaleError
 from ftscale.methods import (
     attach_adapter,
     check_saved_adapter,
@@ -55,6 +56,10 @@ from ftscale.training.metrics import MetricLogger
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
+
+
+class TrainingDiverged(FtscaleError, FloatingPointError):
+    """The loss became NaN or infinite: a setting to change, not a bug to report."""
 # Methods whose base every FSDP2 rank reads itself: peft's prompt learning keeps a second reference to the input
 # embedding, which FSDP2 does not shard and rank 0 could not fill.
 READ_ON_EVERY_RANK = {"prompt_tuning", "prefix_tuning", "p_tuning"}
@@ -254,7 +259,7 @@ class SFTRecipe:
             record["train/tokens_per_s"] = step_tokens_all / (time.monotonic() - t0)
             self.history.append({"step": step + 1, **record})
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
+                raise TrainingDiverged(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
             done = step + 1 == self.total_steps
             if cfg.training.eval_every and (step + 1) % cfg.training.eval_every == 0 and not done and self.eval_rows:
                 record["eval/loss"] = self.evaluate()
@@ -276,7 +281,8 @@ class SFTRecipe:
         self.eval_loss_after = self.evaluate()
         if self.eval_loss_after is not None:
             self.metrics.log(self.total_steps, {"eval/loss": self.eval_loss_after})
-        self.save_checkpoint(self.total_steps)
+        if self.start_step < self.total_steps:  # a finished run started again resumed from this very checkpoint
+            self.save_checkpoint(self.total_steps)
 
     def save_checkpoint(self, step: int):
         model = self.accelerator.unwrap_model(self.model)
