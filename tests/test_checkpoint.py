@@ -123,14 +123,25 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, t
     assert len(runs) == 4 and len(set(ids)) == 3 and ids.count(run_id) == 2  # only the resumed pair shares a run
 
 
+# `ftscale train` in a process that imports everything first, then waits for a line on stdin before it starts: the
+# next trial's process warms up (about 8 s of imports) while the current one trains, and starts after the kill.
+WARM_TRAIN = "import sys\nfrom ftscale.cli import main\nsys.stdin.readline()\nsys.exit(main(['train', *sys.argv[1:]]))"
+
+
 class Child:
     """A training process whose stderr is read line by line as it runs, so a test can act on what it logs."""
 
-    def __init__(self, cmd):
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, overrides: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "-c", WARM_TRAIN, *overrides], cwd=REPO, stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
+
+    def start(self) -> Child:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.close()
+        return self
 
     def wait_for(self, pattern: str, after: int = 0, timeout: float = 300) -> int:
         """Index of the first line matching `pattern` at or after line `after`."""
@@ -178,12 +189,13 @@ def test_kill_9_at_random_moments_always_resumes_from_newest_complete(reference,
     settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2, "logging.level": "debug"}
     aims = ["inside a save", "during the rename", "during resume", "between steps"]
     landed = []
+    warm = Child(tiny_overrides(tiny_model_dir, tiny_data, out, **settings))
     for trial in range(20):
         newest_before = max((c.step for c in complete_checkpoints(root, checksums=True)), default=0)
         aim = aims[trial % len(aims)]
         if aim == "during resume" and not newest_before:
             aim = "inside a save"
-        child = Child(train_cmd(tiny_model_dir, tiny_data, out, **settings))
+        child, warm = warm.start(), Child(tiny_overrides(tiny_model_dir, tiny_data, out, **settings))
         if aim == "during resume":
             child.wait_for(r"resuming from")
             time.sleep(rng.uniform(0, 0.01))  # a tiny model's resume takes a few milliseconds
@@ -201,6 +213,7 @@ def test_kill_9_at_random_moments_always_resumes_from_newest_complete(reference,
         landed.append(phase_at_kill(log))
         if newest_before:
             assert f"resuming from {root / f'step-{newest_before:08d}'}" in log, f"trial {trial}: did not resume from step {newest_before}"
+    warm.kill()
     final = run(train_cmd(tiny_model_dir, tiny_data, out, **settings))
     assert final.returncode == 0, final.stderr[-3000:]
     counts = {phase: landed.count(phase) for phase in set(landed)}
