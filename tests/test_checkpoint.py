@@ -301,7 +301,7 @@ def test_resume_from_a_path_and_retention_spares_the_resumed_checkpoint(referenc
     assert names == ["step-00000036", "step-00000040"]  # keep_last=1, plus the one resumed from
     # The old steps 39 and 40 lay past the resume point: set aside whole, not counted by retention against the new ones.
     (aside,) = (root / "superseded").iterdir()
-    assert sorted(p.name for p in aside.iterdir()) == ["step-00000039", "step-00000040"]
+    assert step_names(aside) == ["step-00000039", "step-00000040"]
     assert history(out) == history(reference)
 
 

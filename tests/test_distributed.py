@@ -86,10 +86,11 @@ def test_sharded_backends_follow_the_ddp_loss_curve(backend, method, ddp_referen
     b = load_file(str(tmp_path / backend / "adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys()
     # Adam moves every element by about the learning rate per step whatever its gradient's size, so an element whose
-    # gradient is near zero turns reduction-order rounding (ZeRO-3 reduce-scatters in another order than DDP) into
-    # a visible difference: allow 1% of one step's move (5e-3 x 1e-2).
+    # gradient is near zero turns reduction-order rounding (ZeRO-3 reduce-scatters in another order than DDP, and not
+    # the same order every run) into a difference of a good part of one step in that element alone. Compared as
+    # whole tensors: within 0.1% of the tensor's norm.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5)
+        assert torch.linalg.norm(b[k] - a[k]) <= 1e-3 * torch.linalg.norm(a[k]), k
 
 
 @pytest.mark.parametrize(
