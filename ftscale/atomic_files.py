@@ -76,7 +76,8 @@ def partial_path(out: Path) -> Path:
 def partial_folder(out: Path) -> Path:
     """A fresh, empty `partial_path(out)`; anything an earlier crash left there is dropped."""
     tmp = partial_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists() or tmp.is_symlink():
+        _drop(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     return tmp

@@ -84,8 +84,8 @@ def cmd_compare(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise FtscaleError(f"--limit {args.limit}: give a positive number of examples")
-    if args.json_out and not Path(args.json_out).parent.is_dir():  # checked now, not after minutes of generation
-        raise FtscaleError(f"--json-out {args.json_out}: folder {Path(args.json_out).parent} does not exist")
+    if args.json_out and (not Path(args.json_out).parent.is_dir() or Path(args.json_out).is_dir()):  # now, not after generating
+        raise FtscaleError(f"--json-out {args.json_out}: must be a file in an existing folder")
     report = compare_models(args.base, args.tuned, args.data, max_new_tokens=args.max_new_tokens, limit=args.limit)
     print_report(report)
     if args.json_out:

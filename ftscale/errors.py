@@ -5,3 +5,9 @@ The command line prints these as one line, without a traceback; anything else is
 
 class FtscaleError(Exception):
     """Bad input, with a message that names the file, line or key and how to fix it."""
+
+
+def first_line(e: BaseException) -> str:
+    """A library exception in a few words, for inclusion in a one-line error (some have no message at all)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -65,3 +65,14 @@ def test_partial_folder_starts_empty(tmp_path):
     out = tmp_path / "out"
     stale = make(partial_folder(out), "crashed half-way")
     assert partial_folder(out) == stale and list(stale.iterdir()) == []
+
+
+def test_a_link_or_file_where_the_output_was_is_replaced_too(tmp_path):
+    target = make(tmp_path / "elsewhere", "keep me")
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    replace_folder(make(partial_folder(out), "new"), out)
+    assert (out / "data.txt").read_text() == "new" and not out.is_symlink()
+    assert (target / "data.txt").read_text() == "keep me"  # the link went, not what it pointed to
+    (tmp_path / ".out.partial").write_text("a stray file")
+    assert partial_folder(out).is_dir()

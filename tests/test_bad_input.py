@@ -528,7 +528,7 @@ def test_compare_and_import_gguf_refuse_bad_input(capsys, tiny_model_dir, tiny_d
     assert_refused(capsys, [*base, "--data", empty], "empty.jsonl: no conversation to compare on")
     assert_refused(capsys, [*base, "--data", not_chat], "text.jsonl:1: the last message must be the assistant's reference answer")
     assert_refused(capsys, [*base, "--data", tiny_data["eval"], "--limit", "0"], "--limit 0: give a positive number")
-    assert_refused(capsys, [*base, "--data", tiny_data["eval"], "--json-out", tmp_path / "no/such/report.json"], "does not exist")
+    assert_refused(capsys, [*base, "--data", tiny_data["eval"], "--json-out", tmp_path / "no/such/report.json"], "must be a file in an existing folder")
     assert_refused(capsys, ["compare", "--base", tmp_path / "nope", "--tuned", tiny_model_dir, "--data", tiny_data["eval"]], "--base=")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     assert_refused(capsys, ["import-gguf", "--gguf", tmp_path / "bad.gguf", "--out", tmp_path / "model"], "bad.gguf: cannot be read as a GGUF model")
@@ -570,3 +570,36 @@ def test_manifests_that_do_not_describe_a_whole_checkpoint(case, capsys, checkpo
         (bad / "scheduler.json").symlink_to(outside)
         message = "scheduler.json links outside the checkpoint folder"
     assert_refused(capsys, ["export-adapter", bad, tmp_path / "exported"], message)
+
+
+def test_damaged_files_of_every_json_kind_and_a_corrupt_adapter_bin(capsys, base_and_adapters, checkpoint, tmp_path):
+    lora = _copy(base_and_adapters / "lora", tmp_path / "a")
+    (lora / "adapter_config.json").write_text('{"r": 1' + "0" * 5000 + "}")  # a number Python refuses to parse
+    argv = ["merge", "--base", base_and_adapters / "base", "--adapter", lora, "--out", tmp_path / "out"]
+    assert_refused(capsys, argv, "adapter_config.json: not readable JSON")
+    shutil.copy(base_and_adapters / "lora/adapter_config.json", lora / "adapter_config.json")
+    (lora / "adapter_model.safetensors").unlink()
+    for content in (b"", b"\x80\x02junk", b"hello"):
+        (lora / "adapter_model.bin").write_bytes(content)
+        assert_refused(capsys, argv, "adapter_model.bin: cannot be read")
+    bad = _copy(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
+    (bad / "manifest.json").write_text("[" * 100_000)
+    assert_refused(capsys, ["export-adapter", bad, tmp_path / "exported"], "incomplete checkpoint (no readable manifest.json")
+    _manifest_edit(_copy(checkpoint, tmp_path / "c2" / checkpoint.name), lambda m: m.update(world_size=10**9))
+    assert_refused(capsys, ["export-adapter", tmp_path / "c2" / checkpoint.name, tmp_path / "exported"], "world_size must be a positive integer")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda cfg: cfg.update(rank_pattern=["q_proj"]), "patterns must map module names to values"),
+        (lambda cfg: cfg.update(lora_alpha=float("inf")), "must be positive numbers"),
+    ],
+    ids=["pattern-not-a-mapping", "infinite-alpha"],
+)
+def test_adapter_config_values_of_the_wrong_kind(edit, message, capsys, base_and_adapters, tmp_path):
+    lora = _copy(base_and_adapters / "lora", tmp_path / "a")
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    edit(cfg)
+    (lora / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_refused(capsys, ["merge", "--base", base_and_adapters / "base", "--adapter", lora, "--out", tmp_path / "out"], message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -101,7 +102,7 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes_bit_identical(sig, ref
 
 def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
-    settings = {**SLOW_ENOUGH, "logging.wandb.mode": "offline"}
+    settings = {**SLOW_ENOUGH, "training.max_steps": 12, "logging.wandb.mode": "offline"}
     proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(out / "checkpoints/step-00000003", proc)
     proc.send_signal(signal.SIGUSR1)
@@ -125,7 +126,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, t
 
 # `ftscale train` in a process that imports everything first, then waits for a line on stdin before it starts: the
 # next trial's process warms up (about 8 s of imports) while the current one trains, and starts after the kill.
-WARM_TRAIN = "import sys\nfrom ftscale.cli import main\nsys.stdin.readline()\nsys.exit(main(['train', *sys.argv[1:]]))"
+WARM_TRAIN = "import sys\nfrom ftscale.cli import main\nif sys.stdin.readline() == 'go\\n':\n    sys.exit(main(['train', *sys.argv[1:]]))"
 
 
 class Child:
@@ -189,31 +190,36 @@ def test_kill_9_at_random_moments_always_resumes_from_newest_complete(reference,
     settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2, "logging.level": "debug"}
     aims = ["inside a save", "during the rename", "during resume", "between steps"]
     landed = []
-    warm = Child(tiny_overrides(tiny_model_dir, tiny_data, out, **settings))
-    for trial in range(20):
-        newest_before = max((c.step for c in complete_checkpoints(root, checksums=True)), default=0)
-        aim = aims[trial % len(aims)]
-        if aim == "during resume" and not newest_before:
-            aim = "inside a save"
-        child, warm = warm.start(), Child(tiny_overrides(tiny_model_dir, tiny_data, out, **settings))
-        if aim == "during resume":
-            child.wait_for(r"resuming from")
-            time.sleep(rng.uniform(0, 0.01))  # a tiny model's resume takes a few milliseconds
-        else:
-            target = min(newest_before + rng.randint(1, 3), 39)
-            at = child.wait_for(rf"checkpoint step {target}: writing shards")
-            if aim == "inside a save":
-                time.sleep(rng.uniform(0, 0.01))
-            elif aim == "during the rename":
-                child.wait_for(r"renaming into place", after=at)
+    started = [Child(tiny_overrides(tiny_model_dir, tiny_data, out, **settings))]
+    try:
+        for trial in range(20):
+            newest_before = max((c.step for c in complete_checkpoints(root, checksums=True)), default=0)
+            aim = aims[trial % len(aims)]
+            if aim == "during resume" and not newest_before:
+                aim = "inside a save"
+            child = started[-1].start()
+            started.append(Child(tiny_overrides(tiny_model_dir, tiny_data, out, **settings)))
+            if aim == "during resume":
+                child.wait_for(r"resuming from")
+                time.sleep(rng.uniform(0, 0.01))  # a tiny model's resume takes a few milliseconds
             else:
-                child.wait_for(r"checkpoint \S+ written", after=at)
-                time.sleep(rng.uniform(0, 0.1))
-        log = child.kill()
-        landed.append(phase_at_kill(log))
-        if newest_before:
-            assert f"resuming from {root / f'step-{newest_before:08d}'}" in log, f"trial {trial}: did not resume from step {newest_before}"
-    warm.kill()
+                target = min(newest_before + rng.randint(1, 3), 39)
+                at = child.wait_for(rf"checkpoint step {target}: writing shards")
+                if aim == "inside a save":
+                    time.sleep(rng.uniform(0, 0.01))
+                elif aim == "during the rename":
+                    child.wait_for(r"renaming into place", after=at)
+                else:
+                    child.wait_for(r"checkpoint \S+ written", after=at)
+                    time.sleep(rng.uniform(0, 0.1))
+            log = child.kill()
+            landed.append(phase_at_kill(log))
+            if newest_before:
+                assert f"resuming from {root / f'step-{newest_before:08d}'}" in log, f"trial {trial}: did not resume from step {newest_before}"
+    finally:  # a failed assertion must not leave a training process behind
+        for c in started:
+            c.proc.kill()
+            c.proc.wait()
     final = run(train_cmd(tiny_model_dir, tiny_data, out, **settings))
     assert final.returncode == 0, final.stderr[-3000:]
     counts = {phase: landed.count(phase) for phase in set(landed)}
@@ -367,6 +373,22 @@ def test_a_checkpoint_from_before_run_ids_resumes_as_its_own_run(tiny_model_dir,
     assert verify(out / "checkpoints/step-00000003", checksums=True).run_id == "legacy01"
     assert step_names(out / "checkpoints") == ["step-00000002", "step-00000003"]  # the one resumed from is kept
     assert not (out / "checkpoints/superseded").exists()  # a legacy checkpoint it resumed from is its own
+
+
+def test_an_interrupted_swap_is_undone_before_the_resume_decision_and_max_steps_below_it_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"training.max_steps": 2})))
+    run_id = verify(root / "step-00000002", checksums=True).run_id
+    os.rename(root / "step-00000002", root / ".step-00000002.previous")  # a crash between the two renames of a swap
+    summary = recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"training.max_steps": 3})))
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3]
+    assert verify(root / "step-00000003", checksums=True).run_id == run_id  # resumed, not started afresh
+    assert not (root / "superseded").exists()
+    from ftscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is at step 3, past this run's 2 steps: raise training.max_steps"):
+        recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"training.max_steps": 2})))
 
 
 def test_a_finished_run_started_again_rewrites_nothing(reference, tiny_model_dir, tiny_data, tmp_path):

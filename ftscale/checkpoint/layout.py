@@ -18,6 +18,7 @@ import torch
 
 from ftscale.atomic_files import write_text_atomically
 from ftscale.errors import FtscaleError
+from ftscale.json_files import read_json
 from ftscale.safetensors_stream import load_safetensors
 
 log = logging.getLogger("ftscale")
@@ -86,10 +87,7 @@ class Checkpoint:
 
     def read_json(self, rel: str):
         """A JSON file of the checkpoint; a corrupt one is a CheckpointError naming it."""
-        try:
-            return json.loads((self.path / rel).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: {rel} cannot be read ({e})") from None
+        return read_json(self.path / rel, CheckpointError)
 
     def read_tensors(self, folder: str) -> dict[str, torch.Tensor]:
         """Every tensor of every listed safetensors shard in `folder` (the adapter or optimizer of all ranks)."""
@@ -110,7 +108,7 @@ def _check_manifest(path: Path, manifest) -> None:
         if p.is_absolute() or ".." in p.parts or not p.parts:
             raise CheckpointError(f"{path}: corrupt {MANIFEST}: file {rel!r} points outside the checkpoint folder")
     world, run_id = manifest.get("world_size"), manifest.get("run_id")
-    if type(world) is not int or world < 1 or not (run_id is None or isinstance(run_id, str)):
+    if type(world) is not int or not 1 <= world <= len(files) or not (run_id is None or isinstance(run_id, str)):
         raise CheckpointError(f"{path}: corrupt {MANIFEST}: world_size must be a positive integer and run_id a string")
     shards = [f"{sub}/{shard_name(r, world)}" for sub in (ADAPTER, OPTIMIZER) for r in range(world)]
     missing = [f for f in (*REQUIRED_FILES, *shards, *(f"{RNG}/{rng_name(r)}" for r in range(world))) if f not in files]
@@ -124,8 +122,8 @@ def verify(path: Path, checksums: bool) -> Checkpoint:
     if not m:
         raise CheckpointError(f"{path}: not a checkpoint folder (expected a name like step-00000012)")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        manifest = read_json(path / MANIFEST, CheckpointError)
+    except CheckpointError as e:
         raise CheckpointError(f"{path}: incomplete checkpoint (no readable {MANIFEST}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -134,7 +132,11 @@ def verify(path: Path, checksums: bool) -> Checkpoint:
     inside = path.resolve()
     for rel, info in manifest["files"].items():
         f = path / rel
-        if not f.resolve().is_relative_to(inside):  # a symbolic link out of the folder
+        try:
+            escapes = not f.resolve().is_relative_to(inside)  # a symbolic link out of the folder
+        except (OSError, RuntimeError):  # a link loop
+            escapes = True
+        if escapes:
             raise CheckpointError(f"{path}: {rel} links outside the checkpoint folder")
         if not f.is_file() or f.stat().st_size != info["bytes"]:
             raise CheckpointError(f"{path}: {rel} is missing or has the wrong size")

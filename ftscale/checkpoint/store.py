@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -47,6 +48,7 @@ from ftscale.checkpoint.state import (
     trainable_parameters,
 )
 from ftscale.config import FtscaleConfig, load_config, render_config
+from ftscale.json_files import read_json
 from ftscale.safetensors_stream import load_safetensors
 
 log = logging.getLogger("ftscale")
@@ -79,8 +81,8 @@ def config_differences(saved: FtscaleConfig, current: FtscaleConfig) -> list[str
 def _run_id_of(step_dir: Path) -> str | None:
     """The run id in a checkpoint's manifest; None for one written before runs had ids or without a readable one."""
     try:
-        manifest = json.loads((step_dir / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = read_json(step_dir / MANIFEST, CheckpointError)
+    except CheckpointError:
         return None
     return manifest.get("run_id") if isinstance(manifest, dict) else None
 
@@ -105,7 +107,8 @@ class CheckpointStore:
             run_id = resumed.run_id
         elif resumed is not None:  # a checkpoint from before run ids: its W&B id, if any, was kept beside it
             id_file = Path(self.cfg.training.output_dir) / "wandb-run-id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            kept = id_file.read_text(errors="replace").strip() if id_file.is_file() else ""
+            run_id = kept if re.fullmatch(r"[a-z0-9]{1,64}", kept) else secrets.token_hex(4)
         else:
             run_id = secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics; this doubles as one
         self.run_id = broadcast_object_list([run_id])[0] if self.acc.num_processes > 1 else run_id  # rank 0's
@@ -140,7 +143,9 @@ class CheckpointStore:
         if not foreign:
             return
         dest = self.root / SUPERSEDED / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.run_id}"
-        dest.mkdir(parents=True, exist_ok=True)
+        while dest.exists():  # the same run set aside twice within a second
+            dest = dest.with_name(dest.name + "+")
+        dest.mkdir(parents=True)
         for p in foreign:
             os.rename(p, dest / p.name)
         if (self.root / LATEST).is_file():

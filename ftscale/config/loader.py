@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ftscale.config.root import FtscaleConfig
-from ftscale.errors import FtscaleError
+from ftscale.errors import FtscaleError, first_line
 
 
 class ConfigError(FtscaleError, ValueError):
@@ -46,7 +46,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(
             f"override {item!r}: the value is not valid YAML ({problem}); quote the whole override for the shell and "
             "write lists and mappings in full, e.g. \"data.train=[{path: my.jsonl}]\""

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import is_offline_mode
 from pyarrow import ArrowException
 
 from ftscale.config.data import DataSource
-from ftscale.errors import FtscaleError
+from ftscale.errors import FtscaleError, first_line
 
 
 class DataError(FtscaleError, ValueError):
@@ -64,9 +63,9 @@ def _json(path: Path) -> Iterator[SourceRow]:
         yield SourceRow(f"{path}[item {i}]", row)
 
 
-def _table(dataset, label: str, first_line: int | None = None) -> Iterator[SourceRow]:
+def _table(dataset, label: str, first_row_line: int | None = None) -> Iterator[SourceRow]:
     for i, row in enumerate(dataset):
-        yield SourceRow(f"{label}:{i + first_line}" if first_line else f"{label}[row {i}]", row)
+        yield SourceRow(f"{label}:{i + first_row_line}" if first_row_line else f"{label}[row {i}]", row)
 
 
 def _read_table(reader, path: Path, kind: str):
@@ -81,8 +80,7 @@ def _read_table(reader, path: Path, kind: str):
         return reader(str(path))
     except (DatasetGenerationError, ArrowException, ValueError, OSError, UnicodeDecodeError) as e:
         cause = e.__cause__ or e
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise DataError(f"{path}: cannot be read as {kind} ({detail}); check the file is complete and really {kind}") from None
+        raise DataError(f"{path}: cannot be read as {kind} ({first_line(cause)}); check the file is complete and really {kind}") from None
     finally:
         quiet.setLevel(level)
 
@@ -102,7 +100,7 @@ def read_rows(source: DataSource) -> Iterator[SourceRow]:
         elif suffix == ".parquet":
             yield from _table(_read_table(datasets.Dataset.from_parquet, path, "Parquet"), str(path))
         elif suffix == ".csv":
-            yield from _table(_read_table(datasets.Dataset.from_csv, path, "CSV"), str(path), first_line=2)  # line 1: header
+            yield from _table(_read_table(datasets.Dataset.from_csv, path, "CSV"), str(path), first_row_line=2)  # line 1: header
         else:
             raise DataError(f"{path}: unsupported file type '{suffix}': use .jsonl, .json, .parquet or .csv")
     elif path.is_dir():
@@ -111,7 +109,7 @@ def read_rows(source: DataSource) -> Iterator[SourceRow]:
         except FileNotFoundError as e:
             raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
         except (OSError, ValueError, KeyError, ArrowException, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: a damaged datasets folder ({str(e).splitlines()[0] if str(e) else type(e).__name__}); save it again") from None
+            raise DataError(f"{path}: a damaged datasets folder ({first_line(e)}); save it again") from None
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise DataError(f"{path}: has no split '{source.split}' (it has {', '.join(loaded)}); set split: in the source")
@@ -119,11 +117,9 @@ def read_rows(source: DataSource) -> Iterator[SourceRow]:
         yield from _table(loaded, str(path))
     elif suffix in (".jsonl", ".json", ".parquet", ".csv") or path.is_absolute() or source.path.startswith(".") or len(path.parts) > 2:
         raise DataError(f"{path}: no such file or folder")
-    elif is_offline_mode():
-        raise DataError(f"{path}: no such file or folder (and no hub is reachable for a dataset of that name)")
-    else:  # a hub dataset name such as "org/name"
+    else:  # a hub dataset name such as "org/name" (from the local cache when offline)
         try:
             loaded = datasets.load_dataset(source.path, split=source.split)
-        except (OSError, ValueError) as e:  # the hub's not-found errors are OSErrors
-            raise DataError(f"{path}: no such file or folder, nor a hub dataset ({str(e).splitlines()[0]})") from None
+        except (OSError, ValueError, ConnectionError) as e:  # the hub's not-found and offline errors
+            raise DataError(f"{path}: no such file or folder, nor a hub dataset ({first_line(e)})") from None
         yield from _table(loaded, source.path)

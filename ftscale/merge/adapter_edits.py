@@ -3,9 +3,7 @@ trainable token rows). Every edit works on fp32 values of one tensor."""
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ftscale.errors import FtscaleError
+from ftscale.errors import FtscaleError, first_line
+from ftscale.json_files import read_json
 from ftscale.methods.bottleneck import is_bottleneck_adapter
 from ftscale.safetensors_stream import read_header, read_tensor
 
@@ -49,7 +48,9 @@ def _fullmatch(pattern: str, name: str) -> bool:
         raise MergeError(f"adapter_config.json: {pattern!r} is not a valid regular expression ({e})") from None
 
 
-def _pattern_value(name: str, pattern: dict, default):
+def _pattern_value(name: str, pattern, default):
+    if not isinstance(pattern, dict):
+        raise MergeError(f"adapter_config.json: patterns must map module names to values, got {pattern!r}")
     for key, value in pattern.items():
         if name == key or name.endswith("." + key) or _fullmatch(key, name):
             return value
@@ -65,8 +66,8 @@ def _load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if pt.is_file():
         try:
             return {k: v.float() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()}
-        except (RuntimeError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as e:
-            raise MergeError(f"{pt}: cannot be read ({str(e).splitlines()[0]}): the file is damaged or not an adapter") from None
+        except Exception as e:  # weights_only loading runs no code; any failure means a damaged or foreign file
+            raise MergeError(f"{pt}: cannot be read ({first_line(e)}): the file is damaged or not an adapter") from None
     raise MergeError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
 
 
@@ -125,6 +126,8 @@ def _ia3_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) -
         module = key.removesuffix(".ia3_l")
         # Feed-forward layers scale their input, ia3_l (1, in); others scale their output (and bias), ia3_l (out, 1).
         ff = cfg.get("feedforward_modules") or []
+        if not (isinstance(ff, str) or (isinstance(ff, list) and all(isinstance(k, str) for k in ff))):
+            raise MergeError(f"adapter_config.json: feedforward_modules must be a regex or a list of names, got {ff!r}")
         is_ff = _fullmatch(ff, module) if isinstance(ff, str) else any(module.endswith(str(k)) for k in ff)
         s = scale.T if fan_in_fan_out else scale
         if s.dim() != 2 or 1 not in s.shape:
@@ -146,7 +149,9 @@ def _full_tensor_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: Adapter
             idx = indices if isinstance(indices, list) else _pattern_value(module, indices or {}, None)
             if idx is None:
                 raise MergeError(f"trainable tokens for {module} have no indices in adapter_config.json")
-            if not (isinstance(idx, list) and all(type(i) is int and i >= 0 for i in idx) and len(idx) == value.shape[0]):
+            if value.dim() != 2:
+                raise MergeError(f"adapter_model: {key} has shape {tuple(value.shape)}, not (rows, embedding size)")
+            if not (isinstance(idx, list) and all(type(i) is int and 0 <= i < 2**62 for i in idx) and len(idx) == value.shape[0]):
                 raise MergeError(f"adapter_config.json: trainable_token_indices for {module} must be {value.shape[0]} row numbers, got {idx!r}")
             index = torch.tensor(idx)
             out.min_rows[f"{module}.weight"] = max(idx, default=-1) + 1
@@ -163,14 +168,11 @@ REQUIRED_KEYS = {"LORA": ("r", "lora_alpha"), "IA3": ()}
 
 
 def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _read_adapter_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise MergeError(f"{path}: not valid JSON ({e}): the adapter folder is damaged; export or save the adapter again") from None
+    cfg = read_json(path, MergeError, ": the adapter folder is damaged; export or save the adapter again")
     if not isinstance(cfg, dict):
         raise MergeError(f"{path}: must hold a JSON object")
     return cfg

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ftscale.atomic_files import partial_folder, replace_folder
+from ftscale.json_files import read_json
 from ftscale.merge.adapter_edits import AdapterEdits, MergeError, read_adapter_edits
 from ftscale.safetensors_stream import (
     StreamingSafetensorsWriter,
@@ -65,10 +66,8 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
 
 
 def _weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        weight_map = None
+    index_doc = read_json(index, MergeError)
+    weight_map = index_doc.get("weight_map") if isinstance(index_doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v != ".." for v in weight_map.values()):
         raise MergeError(f"{index}: corrupt index: it needs a 'weight_map' of tensor name -> shard file in this folder")
     return weight_map
@@ -210,10 +209,7 @@ def _base_config(base: Path) -> dict:
             f"{base}: no config.json, so a merged model written from it would not load with from_pretrained: "
             "copy the base model's config.json into that folder"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, MergeError)
     if not isinstance(config, dict):
         raise MergeError(f"{path}: must hold a JSON object")
     return config

