@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -153,3 +154,41 @@ class SlurmCluster:
                     break
                 time.sleep(0.1)
         self.pids.clear()
+
+
+# `sbatch --wait` polls the job with doubling sleeps (2, 4, 8, 16, 32 s), so a 12-second job is noticed after 30 s.
+# The tests submit through this instead: the same exit code, noticed within half a second.
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def sbatch_wait_cmd(sbatch_args: list[str]) -> list[str]:
+    """A command that submits a job and exits with the job's exit code once it has finished (through requeues)."""
+    return [sys.executable, __file__, *sbatch_args]
+
+
+def _job_fields(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def _sbatch_and_wait(sbatch_args: list[str]) -> int:
+    submitted = subprocess.run(["sbatch", "--parsable", *sbatch_args], capture_output=True, text=True)
+    if submitted.returncode != 0:
+        sys.stderr.write(submitted.stderr)
+        return submitted.returncode
+    job_id = submitted.stdout.strip().split(";")[0]
+    print(f"Submitted batch job {job_id}", flush=True)
+    seen = None
+    while True:
+        fields = _job_fields(job_id)
+        now = (fields.get("JobState"), fields.get("Restarts"))
+        # A finished state must hold for two polls with the same restart count: a requeue in progress moves on.
+        if now[0] in FINISHED and now == seen:
+            code, sig = (int(v) for v in fields.get("ExitCode", "1:0").split(":"))
+            return code or (128 + sig if sig else 0 if now[0] == "COMPLETED" else 1)
+        seen = now
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(_sbatch_and_wait(sys.argv[1:]))

@@ -225,7 +225,7 @@ def _merge_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
     if case == "adapter-config-not-json":
         bad = _copy(lora, tmp / "a")
         (bad / "adapter_config.json").write_text('{"r": 4,')
-        return ["--base", base, "--adapter", bad], "adapter_config.json: not valid JSON"
+        return ["--base", base, "--adapter", bad], "adapter_config.json: not readable JSON"
     if case == "adapter-config-without-r":
         bad = _copy(lora, tmp / "a")
         cfg = json.loads((bad / "adapter_config.json").read_text())
@@ -300,7 +300,7 @@ def _merge_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
     if case == "ftscale-meta-not-json":
         bad = _copy(lora, tmp / "a")
         (bad / "ftscale_adapter.json").write_text("{oops")
-        return ["--base", base, "--adapter", bad], "ftscale_adapter.json: not valid JSON"
+        return ["--base", base, "--adapter", bad], "ftscale_adapter.json: not readable JSON"
     if case in SAFETENSORS_DAMAGE:
         bad = _copy(base, tmp / "b")
         SAFETENSORS_DAMAGE[case][0](bad / "model.safetensors")

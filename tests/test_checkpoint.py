@@ -126,7 +126,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, t
 
 # `ftscale train` in a process that imports everything first, then waits for a line on stdin before it starts: the
 # next trial's process warms up (about 8 s of imports) while the current one trains, and starts after the kill.
-WARM_TRAIN = "import sys\nfrom ftscale.cli import main\nif sys.stdin.readline() == 'go\\n':\n    sys.exit(main(['train', *sys.argv[1:]]))"
+WARM_TRAIN = "import sys\nimport ftscale.recipes.sft\nfrom ftscale.cli import main\nif sys.stdin.readline() == 'go\\n':\n    sys.exit(main(['train', *sys.argv[1:]]))"
 
 
 class Child:

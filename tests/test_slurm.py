@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, demo_rows, tiny_overrides, write_jsonl
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import SlurmCluster, SlurmUnavailable, sbatch_wait_cmd
 from test_checkpoint import assert_same_adapter, history
 
 # 2 nodes x 1 process on CPU: long enough to be interrupted between checkpoints.
@@ -43,7 +43,7 @@ def job_env(cluster: SlurmCluster, **extra) -> dict[str, str]:
 
 
 def sbatch(cluster, script: str, overrides: list[str], logs: Path, *args: str, env=None, wait=True):
-    cmd = ["sbatch", "--wait", "--nodes=2", *SBATCH_CPU, f"--output={logs}/%x-%j.out", *args, script, *overrides]
+    cmd = sbatch_wait_cmd(["--nodes=2", *SBATCH_CPU, f"--output={logs}/%x-%j.out", *args, script, *overrides])
     if wait:
         return subprocess.run(cmd, cwd=REPO, env=env or job_env(cluster), capture_output=True, text=True, timeout=900)
     return subprocess.Popen(cmd, cwd=REPO, env=env or job_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
