@@ -214,17 +214,28 @@ class CheckpointStore:
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def find_resume(self) -> Checkpoint | None:
-        """Collective. What a crash left is dealt with first, so that an interrupted swap never hides a checkpoint."""
-        if self.acc.is_main_process and self.root.is_dir():
-            self._clean_leftovers()
-        self.acc.wait_for_everyone()
+        """Collective. Rank 0 finishes what a crash left (so an interrupted swap never hides a checkpoint), chooses
+        the checkpoint, checksums included, and tells the others: every rank resumes from the same one, and the
+        folder is read and hashed once, not once per rank. The others then check that they see it too (a
+        checkpoint folder that is not shared between nodes fails here, naming the path)."""
         choice, checksums = self.cfg.checkpoint.resume, self.cfg.checkpoint.verify_checksums
         if choice == "none":
             return None
-        if choice == "auto":
-            found = complete_checkpoints(self.root, checksums)
-            return found[-1] if found else None
-        return verify(Path(choice), checksums)
+        decision: tuple[str | None, str | None] = (None, None)  # (chosen path, error)
+        if self.acc.is_main_process:
+            try:
+                if self.root.is_dir():
+                    self._clean_leftovers()
+                found = complete_checkpoints(self.root, checksums) if choice == "auto" else [verify(Path(choice), checksums)]
+                decision = (str(found[-1].path) if found else None, None)
+            except CheckpointError as e:
+                decision = (None, str(e))
+        if self.acc.num_processes > 1:
+            decision = broadcast_object_list([decision])[0]
+        path, error = decision
+        if error:
+            raise CheckpointError(error)
+        return verify(Path(path), checksums=False) if path else None
 
     def load(self, ckpt: Checkpoint, model, access, scheduler, rows_per_step: int, num_rows: int) -> dict:
         """Restore everything from `ckpt` into this run; returns the saved trainer state."""
