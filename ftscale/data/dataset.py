@@ -79,11 +79,15 @@ def _rows(examples: list[TokenizedExample], cfg: DataConfig) -> list[Row]:
     return pack_examples(examples, cfg.max_seq_len) if cfg.packing else single_rows(examples)
 
 
+def _no_examples(what: str, sources: list[DataSource], stats: DataStats, detail: str = "") -> DataError:
+    names = ", ".join(s.path for s in sources)
+    return DataError(f"the {what} data has no usable example after reading {names}: {describe(stats)}{detail}")
+
+
 def build_rows(sources: list[DataSource], cfg: DataConfig, tokenizer, what: str) -> tuple[list[Row], DataStats]:
     examples, stats = tokenize_sources(sources, cfg, tokenizer)
     if not examples:
-        names = ", ".join(s.path for s in sources)
-        raise DataError(f"the {what} data has no usable example after reading {names}: {describe(stats)}")
+        raise _no_examples(what, sources, stats)
     return _rows(examples, cfg), stats
 
 
@@ -104,9 +108,8 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Row], li
         held_out = [ex for i, ex in enumerate(examples) if i in chosen]
         examples = [ex for i, ex in enumerate(examples) if i not in chosen]
     if not examples:
-        names = ", ".join(s.path for s in cfg.train)
         held = f"; data.eval_fraction={cfg.eval_fraction} held out all {len(held_out)} of them" if held_out else ""
-        raise DataError(f"the training data has no usable example after reading {names}: {describe(stats)}{held}")
+        raise _no_examples("training", cfg.train, stats, held)
     eval_rows = build_rows(cfg.eval, cfg, tokenizer, "eval")[0] if cfg.eval else []
     eval_rows += _rows(held_out, cfg) if held_out else []
     return _rows(examples, cfg), eval_rows, stats

@@ -60,6 +60,8 @@ log = logging.getLogger("ftscale")
 
 class TrainingDiverged(FtscaleError, FloatingPointError):
     """The loss became NaN or infinite: a setting to change, not a bug to report."""
+
+
 # Methods whose base every FSDP2 rank reads itself: peft's prompt learning keeps a second reference to the input
 # embedding, which FSDP2 does not shard and rank 0 could not fill.
 READ_ON_EVERY_RANK = {"prompt_tuning", "prefix_tuning", "p_tuning"}
