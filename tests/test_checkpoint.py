@@ -24,7 +24,7 @@ from ftscale.checkpoint.layout import write_manifest
 from ftscale.config import load_config
 from ftscale.recipes.sft import SFTRecipe, recipe_main
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, build_tiny_model, build_tokenizer, demo_rows, tiny_overrides, write_jsonl
 
 # LoRA dropout > 0: a resume that did not restore the RNG would draw other dropout masks and diverge.
 SLOW_ENOUGH = {
@@ -373,6 +373,34 @@ def test_a_checkpoint_from_before_run_ids_resumes_as_its_own_run(tiny_model_dir,
     assert verify(out / "checkpoints/step-00000003", checksums=True).run_id == "legacy01"
     assert step_names(out / "checkpoints") == ["step-00000002", "step-00000003"]  # the one resumed from is kept
     assert not (out / "checkpoints/superseded").exists()  # a legacy checkpoint it resumed from is its own
+
+
+LEGACY_FIXTURE = REPO / "tests/fixtures/checkpoint-before-redesign"
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes_exactly(tmp_path):
+    """A checkpoint written by an older ftscale (see the fixture's README) resumes, and the run ends with the very
+    adapter that older version's uninterrupted run ended with: the on-disk format and the data order are unchanged."""
+    tokenizer = build_tokenizer()
+    build_tiny_model(len(tokenizer)).save_pretrained(tmp_path / "tiny-llama")
+    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data/train.jsonl", demo_rows(48))
+    write_jsonl(tmp_path / "data/eval.jsonl", demo_rows(8, "eval"))
+    shutil.copytree(LEGACY_FIXTURE / "step-00000003", tmp_path / "out/checkpoints/step-00000003")
+    overrides = {
+        "model.path": "tiny-llama", "data.train": "[{path: data/train.jsonl}]", "data.eval": "[{path: data/eval.jsonl}]",
+        "data.max_seq_len": 256, "training.output_dir": "out", "training.max_steps": 6, "training.micro_batch_size": 2,
+        "training.learning_rate": 5e-3, "training.warmup_steps": 0, "training.scheduler": "constant", "logging.console": False,
+        "checkpoint.every_steps": 3, "method.lora.dropout": 0.1, "checkpoint.keep_last": 5,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/sft.py"), *(f"{k}={v}" for k, v in overrides.items())],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from out/checkpoints/step-00000003 (step 3" in proc.stderr
+    assert_same_adapter(adapter(tmp_path / "out"), load_file(str(LEGACY_FIXTURE / "final-adapter.safetensors")))
 
 
 def test_an_interrupted_swap_is_undone_before_the_resume_decision_and_max_steps_below_it_is_refused(tiny_model_dir, tiny_data, tmp_path):
