@@ -45,6 +45,12 @@ class SafetensorsError(FtscaleError, ValueError):
     """A safetensors file that is truncated, corrupt or not safetensors at all; the message names file and tensor."""
 
 
+def tensor_bytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of `shape` and `dtype`. Python integers: torch.Size.numel() wraps around for absurd shapes,
+    which would let a corrupt header pass as 0 bytes."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 def _ints(value, count: int | None = None) -> bool:
     """A JSON list of non-negative integers (booleans are not integers here), each small enough to be a size."""
     return (
@@ -65,8 +71,7 @@ def _entry(path: Path, name: str, h, data_start: int) -> TensorInfo:
     if not (_ints(offsets, 2) and offsets[0] <= offsets[1]):
         raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{name}' has data_offsets {offsets!r}")
     dtype = DTYPES[h["dtype"]]
-    # Python integers: torch.Size.numel() wraps around for absurd shapes, which would let them pass as 0 bytes.
-    want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    want = tensor_bytes(shape, dtype)
     if offsets[1] - offsets[0] != want:
         raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{name}' {tuple(shape)} {h['dtype']} needs {want} bytes, its offsets span {offsets[1] - offsets[0]}")
     return TensorInfo(path, name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
@@ -139,7 +144,7 @@ class StreamingSafetensorsWriter:
         offset = 0
         self._expected = []
         for name, dtype, shape in plan:
-            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            nbytes = tensor_bytes(shape, dtype)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, dtype, tuple(shape)))
             offset += nbytes

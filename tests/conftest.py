@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftscale.config.model import DEFAULT_MODEL_PATH
+
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2 = REPO / ".cache/ftscale/models/SmolLM2-135M-Instruct"
+SMOLLM2 = REPO / DEFAULT_MODEL_PATH
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -72,12 +72,6 @@ def install_slurm() -> None:
             raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {proc.stderr[-1000:]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SlurmCluster:
     def __init__(self, root: Path, cpus_per_node: int = 1):
         self.root = root
@@ -93,16 +87,19 @@ class SlurmCluster:
     def start(self) -> "SlurmCluster":
         if os.geteuid() != 0:
             raise SlurmUnavailable("the test cluster runs its daemons as root (SlurmUser=root); run the tests as root")
+        # Imported here: helpers imports torch, and this file also runs as the sbatch-and-wait script, which stays light.
+        from helpers import free_port
+
         install_slurm()
         self._start_munge()
         for d in ("state", "log", *(f"spool/{n}" for n in NODES)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         host = socket.gethostname().split(".")[0]
         nodes = "\n".join(
-            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus_per_node} RealMemory=4000"
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={self.cpus_per_node} RealMemory=4000"
             for n in NODES
         )
-        self.conf.write_text(CONFIG.format(host=host, ctld_port=_free_port(), root=self.root, nodes=nodes, node_list=",".join(NODES)))
+        self.conf.write_text(CONFIG.format(host=host, ctld_port=free_port(), root=self.root, nodes=nodes, node_list=",".join(NODES)))
         self._daemon(["slurmctld", "-f", str(self.conf)], self.root / "slurmctld.pid")
         for n in NODES:
             self._daemon(["slurmd", "-N", n, "-f", str(self.conf)], self.root / f"slurmd-{n}.pid")

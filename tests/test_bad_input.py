@@ -26,6 +26,7 @@ from ftscale.config import load_config
 from ftscale.recipes.sft import recipe_main
 
 from conftest import build_tiny_model, demo_rows, tiny_overrides, write_jsonl
+from helpers import adapter, assert_same_adapter
 
 GOOD = demo_rows(1)[0]
 
@@ -444,8 +445,7 @@ def test_only_files_the_manifest_lists_are_read(checkpoint, tmp_path):
     save_file({k: torch.full_like(v, 7.0) for k, v in real.items()}, str(ckpt / "adapter/shard-00001-of-00002.safetensors"))
     assert export_adapter(ckpt, tmp_path / "exported")["tensors"] == len(real)
     written = load_file(str(tmp_path / "exported/adapter_model.safetensors"))
-    trained = load_file(str(checkpoint.parents[1] / "adapter/adapter_model.safetensors"))  # same step, saved by the run
-    assert written.keys() == trained.keys() and all(torch.equal(written[k], trained[k]) for k in trained)
+    assert_same_adapter(written, adapter(checkpoint.parents[1]))  # same step, saved by the run
 
 
 # ---- generated input: whatever arrives, the outcome is a result or one FtscaleError, never a traceback -------------

@@ -8,7 +8,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from ftscale.config import load_config
 from ftscale.recipes.sft import SFTRecipe, recipe_main
 
 from conftest import REPO, build_tiny_model, build_tokenizer, demo_rows, tiny_overrides, write_jsonl
+from helpers import METHOD_SETTINGS, adapter, assert_same_adapter, history, launch_cmd, run, train_cmd
 
 # LoRA dropout > 0: a resume that did not restore the RNG would draw other dropout masks and diverge.
 SLOW_ENOUGH = {
@@ -33,37 +33,12 @@ SLOW_ENOUGH = {
 }
 
 
-def train_cmd(model_dir, data, out, **extra) -> list[str]:
-    return [sys.executable, str(REPO / "launch/sft.py"), *tiny_overrides(model_dir, data, out, **extra)]
-
-
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, **kw)
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter/adapter_model.safetensors"))
-
-
-def history(out: Path) -> list[float]:
-    return [h["train/loss"] for h in json.loads((out / "summary.json").read_text())["history"]]
-
-
 def wait_for(path: Path, proc: subprocess.Popen, timeout=300) -> None:
     end = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()[-2000:]}"
         assert time.monotonic() < end, f"{path} never appeared"
         time.sleep(0.01)
-
-
-def assert_same_adapter(a: dict, b: dict, exact=True):
-    assert a.keys() == b.keys()
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -431,8 +406,6 @@ def test_a_finished_run_started_again_rewrites_nothing(reference, tiny_model_dir
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "qlora"])
 def test_export_adapter_equals_the_adapter_saved_by_training(method, tiny_model_dir, tiny_data, tmp_path):
-    from test_methods import METHOD_SETTINGS
-
     out = tmp_path / "run"
     recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"method.name": method, "training.max_steps": 2, **METHOD_SETTINGS[method]})))
     proc = run([sys.executable, "-m", "ftscale.cli", "export-adapter", str(out / "checkpoints/step-00000002"), str(tmp_path / "exported")])
@@ -441,21 +414,6 @@ def test_export_adapter_equals_the_adapter_saved_by_training(method, tiny_model_
     assert_same_adapter(load_file(str(tmp_path / "exported/adapter_model.safetensors")), adapter(out))
     config = "bottleneck_config.json" if method == "bottleneck" else "adapter_config.json"
     assert json.loads((tmp_path / "exported" / config).read_text()) == json.loads((out / "adapter" / config).read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_cmd(accelerate_config: str, model_dir, data, out, **extra) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / f"configs/accelerate/{accelerate_config}.yaml"),
-            "--main_process_port", str(free_port()), str(REPO / "launch/sft.py"), *tiny_overrides(model_dir, data, out, **extra)]
-
-
-def ddp_cmd(model_dir, data, out, **extra) -> list[str]:
-    return launch_cmd("ddp", model_dir, data, out, **extra)
 
 
 BACKENDS = {"1": (None, 1), "ddp": ("ddp", 2), "fsdp2": ("fsdp2", 2), "zero2": ("zero2", 2), "zero3": ("zero3", 2)}

@@ -11,16 +11,15 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ftscale.config import load_config
 from ftscale.methods import load_adapter
 from ftscale.model.loading import load_base_model
-from ftscale.recipes.sft import READ_ON_EVERY_RANK, SFTRecipe
+from ftscale.config import PROMPT_METHODS
+from ftscale.recipes.sft import SFTRecipe
 
 from conftest import REPO, tiny_overrides
-from test_checkpoint import ddp_cmd, history, launch_cmd, run, train_cmd
-from test_methods import METHOD_SETTINGS
+from helpers import METHOD_SETTINGS, adapter, ddp_cmd, history, launch_cmd, run, train_cmd
 
 
 MATRIX = [("ddp", "lora"), ("ddp", "qlora"), ("ddp", "prompt_tuning"), ("ddp", "bottleneck"),
@@ -43,7 +42,7 @@ def test_trains_and_the_adapter_reloads_in_one_process(backend, method, tiny_mod
         assert local == full
     if backend == "zero3":  # rank 1 never held the whole base: transformers' zero.Init, or ftscale's for 4-bit
         assert "ZeRO-3: the base was partitioned while loading" in proc.stderr
-    if (backend == "fsdp2" and method not in READ_ON_EVERY_RANK) or (backend == "zero3" and method == "qlora"):
+    if (backend == "fsdp2" and method not in PROMPT_METHODS) or (backend == "zero3" and method == "qlora"):
         assert "rank 0 read the base; 1 other rank(s) received only their shards" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
@@ -82,8 +81,7 @@ def test_sharded_backends_follow_the_ddp_loss_curve(backend, method, ddp_referen
     proc = run(launch_cmd(backend, tiny_model_dir, tiny_data, tmp_path / backend, **EQUIVALENCE, **{"method.name": method}))
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.testing.assert_close(torch.tensor(history(tmp_path / backend)), torch.tensor(history(reference)), rtol=1e-5, atol=1e-6)
-    a = load_file(str(reference / "adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / backend / "adapter/adapter_model.safetensors"))
+    a, b = adapter(reference), adapter(tmp_path / backend)
     assert a.keys() == b.keys()
     # Adam moves every element by about the learning rate per step whatever its gradient's size, so an element whose
     # gradient is near zero turns reduction-order rounding (ZeRO-3 reduce-scatters in another order than DDP, and not
@@ -118,7 +116,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tiny_model_dir, tiny_da
     two = run(ddp_cmd(tiny_model_dir, tiny_data, tmp_path / "two", **{"training.micro_batch_size": 2, "training.max_steps": 5}))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     torch.testing.assert_close(torch.tensor(history(tmp_path / "two")), torch.tensor(history(tmp_path / "one")), rtol=1e-5, atol=1e-6)
-    a, b = load_file(str(tmp_path / "one/adapter/adapter_model.safetensors")), load_file(str(tmp_path / "two/adapter/adapter_model.safetensors"))
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # Adam magnifies rounding in tiny values
 

@@ -18,17 +18,7 @@ from ftscale.model.loading import load_base_model
 from ftscale.recipes.sft import SFTRecipe
 
 from conftest import REPO, tiny_overrides
-
-METHOD_SETTINGS = {
-    "lora": {},
-    "qlora": {},
-    "dora": {},
-    "ia3": {"training.learning_rate": 3e-2},
-    "prompt_tuning": {"data.packing": False, "training.learning_rate": 3e-2},
-    "prefix_tuning": {"data.packing": False, "training.learning_rate": 1e-2},
-    "p_tuning": {"data.packing": False, "training.learning_rate": 1e-2},
-    "bottleneck": {},
-}
+from helpers import METHOD_SETTINGS
 
 
 def run_recipe(model_dir, data, out, **extra) -> SFTRecipe:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import REPO, demo_rows, tiny_overrides, write_jsonl
+from helpers import adapter, assert_same_adapter, history
 from slurm_cluster import SlurmCluster, SlurmUnavailable, sbatch_wait_cmd
-from test_checkpoint import assert_same_adapter, history
 
 # 2 nodes x 1 process on CPU: long enough to be interrupted between checkpoints.
 QLORA = {"method.name": "qlora", "training.max_steps": 16, "checkpoint.every_steps": 2, "logging.console": True}
@@ -70,7 +69,7 @@ def test_qlora_on_two_nodes_trains_and_writes_an_adapter_that_loads(uninterrupte
     assert log.count("training finished") == 1 and "requeueing" not in log  # a finished run is not requeued
     assert json.loads((out / "summary.json").read_text())["steps"] == QLORA["training.max_steps"]
     assert json.loads((out / "adapter/adapter_config.json").read_text())["peft_type"] == "LORA"
-    weights = load_file(str(out / "adapter/adapter_model.safetensors"))
+    weights = adapter(out)
     assert weights and all(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[5, 17, 42, 9]])
@@ -90,7 +89,7 @@ def test_two_nodes_with_a_sharded_backend(backend, cluster, tiny_model_dir, tiny
     assert "2 processes" in log and "training finished" in log
     local, full = (int(v) for v in re.search(r"frozen base: (\d+) of (\d+) bytes held by rank 0", log).groups())
     assert local <= full // 2 + 4096, (local, full)  # the 4-bit base is sharded across the two nodes
-    assert load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert adapter(out)
 
 
 def test_a_signalled_job_is_requeued_resumes_and_ends_with_the_uninterrupted_adapter(
@@ -115,7 +114,7 @@ def test_a_signalled_job_is_requeued_resumes_and_ends_with_the_uninterrupted_ada
     assert "preempted after a checkpoint" in log and "requeueing" in log
     assert f"job {job_id} restart 1]" in log and "resumed from" in log and log.count("training finished") == 1
     assert history(out) == history(reference)
-    assert_same_adapter(load_file(str(out / "adapter/adapter_model.safetensors")), load_file(str(reference / "adapter/adapter_model.safetensors")))
+    assert_same_adapter(adapter(out), adapter(reference))
     # One W&B run across the requeue: both attempts wrote under the same run id.
     run_id = (out / "wandb-run-id").read_text()
     runs = sorted((out / "wandb").glob("offline-run-*"))

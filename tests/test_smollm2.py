@@ -14,6 +14,7 @@ from ftscale.model.gguf_import import find_packaged_gguf, import_gguf
 from ftscale.recipes.sft import recipe_main
 
 from conftest import REPO, SMOLLM2, demo_rows, write_jsonl
+from helpers import adapter
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,7 @@ def test_checkpoint_is_adapter_plus_optimizer_state_only(smollm2, tmp_path, caps
     adapter_bytes = sum(t.nbytes for t in params.values())
     optim_bytes = sum(t.nbytes for t in optim.values())
     total_bytes = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-    peft_adapter = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    peft_adapter = adapter(tmp_path / "run")
     base_bytes = (smollm2 / "model.safetensors").stat().st_size
     with capsys.disabled():
         print(f"\nSmolLM2-135M LoRA r=6 checkpoint: adapter {adapter_bytes} B, optimizer {optim_bytes} B, "

@@ -14,8 +14,9 @@ from ftscale.checkpoint.preemption import (
     PreemptionWatcher,
 )
 from ftscale.checkpoint.store import CheckpointStore
+from ftscale.checkpoint.trainer_state import TrainerState
 
 __all__ = [
-    "PREEMPTED", "REQUEUE_EXIT_CODE", "Checkpoint", "CheckpointError", "CheckpointStore", "Preempted", "PreemptionWatcher",
+    "PREEMPTED", "REQUEUE_EXIT_CODE", "Checkpoint", "CheckpointError", "CheckpointStore", "Preempted", "PreemptionWatcher", "TrainerState",
     "complete_checkpoints", "export_adapter", "verify",
 ]

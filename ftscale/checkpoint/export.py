@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftscale.atomic_files import partial_folder, replace_folder
-from ftscale.checkpoint.layout import ADAPTER, CheckpointError, verify
+from ftscale.checkpoint.layout import ADAPTER, ADAPTER_CONFIG, BASE_CONFIG, CONFIG, CheckpointError, verify
 from ftscale.checkpoint.state import trainable_parameters
 from ftscale.config import load_config
 from ftscale.methods import attach_adapter, save_adapter
@@ -22,15 +22,15 @@ def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} exists: choose another or pass --overwrite")
-    if "base_config.json" not in ckpt.manifest["files"]:
+    if BASE_CONFIG not in ckpt.manifest["files"]:
         raise CheckpointError(
-            f"{ckpt.path}: no base_config.json (the base model folder had no config.json when this checkpoint was "
+            f"{ckpt.path}: no {BASE_CONFIG} (the base model folder had no config.json when this checkpoint was "
             "written), so the adapter's model cannot be rebuilt from the checkpoint alone"
         )
-    cfg = load_config(ckpt.path / "config.yaml")
+    cfg = load_config(ckpt.path / CONFIG)
     cfg.method.prompt.init_text = None  # the weights come from the checkpoint; no tokenizer needed to initialise
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy2(ckpt.path / "base_config.json", Path(tmp) / "config.json")
+        shutil.copy2(ckpt.path / BASE_CONFIG, Path(tmp) / "config.json")
         base_config = AutoConfig.from_pretrained(tmp)
     # The base is only a skeleton on the meta device: no memory, no weights; only the adapter becomes real.
     # (The adapter is attached outside the meta context: peft keeps plain tensors such as prompt token ids.)
@@ -47,7 +47,7 @@ def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     try:
         save_adapter(model, tmp_out, cfg)
         # The config the training run saved (true base path, target modules as trained) replaces the rebuilt one.
-        for f in ckpt.listed("adapter_config"):
+        for f in ckpt.listed(ADAPTER_CONFIG):
             shutil.copy2(f, tmp_out / f.name)
         replace_folder(tmp_out, out)
     finally:

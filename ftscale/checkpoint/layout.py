@@ -3,7 +3,16 @@
     <dir>/step-00000012/            a complete checkpoint (it has manifest.json, written last)
     <dir>/.step-00000013.partial/   being written; never loaded, removed by the next save
     <dir>/latest                    name of the newest complete checkpoint (updated after the rename)
-    <dir>/PREEMPTED                 written when a signal stopped the run; tells launchers to requeue"""
+    <dir>/PREEMPTED                 written when a signal stopped the run; tells launchers to requeue
+    <dir>/superseded/               other runs' checkpoints, set aside (CheckpointStore.start)
+
+Inside a checkpoint (every name below is a constant of this module):
+    manifest.json                   written last: format version, world size, run id, every file's size and sha256
+    adapter/shard-RRRRR-of-WWWWW.safetensors    trainable parameters by name, each rank a share of them
+    optimizer/shard-RRRRR-of-WWWWW.safetensors  their AdamW state ("<name>::exp_avg", ...), same shares
+    optimizer/param_groups.json, scheduler.json, trainer_state.json, config.yaml
+    rng/rank-RRRRR.safetensors      each rank's RNG states
+    adapter_config/, base_config.json   what export-adapter needs to rebuild the adapter without the base"""
 
 from __future__ import annotations
 
@@ -30,8 +39,13 @@ PREEMPTED = "PREEMPTED"
 STEP_DIR = re.compile(r"step-(\d{8})")
 # Sub-folders of a checkpoint: each holds one safetensors shard per rank (RNG: one file per rank).
 ADAPTER, OPTIMIZER, RNG = "adapter", "optimizer", "rng"
-TRAINER_STATE = "trainer_state.json"
-REQUIRED_FILES = (TRAINER_STATE, "config.yaml", "scheduler.json", f"{OPTIMIZER}/param_groups.json")
+TRAINER_STATE = "trainer_state.json"  # ftscale.checkpoint.trainer_state.TrainerState
+CONFIG = "config.yaml"  # the run's whole config; its identity keys must match to resume
+SCHEDULER = "scheduler.json"  # the learning-rate scheduler's state_dict
+PARAM_GROUPS = f"{OPTIMIZER}/param_groups.json"  # optimizer hyper-parameters per group, parameters by name
+ADAPTER_CONFIG = "adapter_config"  # folder: the adapter's config without weights (export-adapter copies it)
+BASE_CONFIG = "base_config.json"  # the base's config.json, when it had one: export-adapter rebuilds the skeleton
+REQUIRED_FILES = (TRAINER_STATE, CONFIG, SCHEDULER, PARAM_GROUPS)
 
 
 class CheckpointError(FtscaleError, RuntimeError):

@@ -1,14 +1,14 @@
-"""Collect and restore the training state a checkpoint holds: trainable parameters and their AdamW state (keyed
-by parameter name, so any number of processes and any backend can load them), and each rank's RNG.
+"""The training state a checkpoint holds, in one format for every backend: trainable parameters and their AdamW
+state keyed by parameter name (so any number of processes and any backend can load them), and each rank's RNG.
 
-Three ways to reach that state, one format: `PlainAccess` (one process, DDP: every rank holds full tensors),
-`FSDPAccess` (FSDP2: parameters and Adam state are DTensor shards) and `DeepSpeedAccess` (ZeRO-1/2/3: fp32 master
-weights and Adam state live in flat partitions across ranks)."""
+The backends reach that state through a `StateAccess` (implemented in ftscale.distributed: whole tensors, DTensor
+shards, or DeepSpeed's flat partitions); the helpers here read and write the torch optimizer's own layout."""
 
 from __future__ import annotations
 
 import json
 import random
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -104,135 +104,17 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors; "step" is stored beside them
 
 
-class PlainAccess:
-    """One process or DDP: full parameters and the torch optimizer's own state on every rank."""
+class StateAccess(Protocol):
+    """How a checkpoint reads and restores the trainable state, whatever the backend. One implementation per
+    backend (ftscale.distributed): the format on disk is the same for all of them. Every call is collective."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    params: dict[str, nn.Parameter]  # the trainable parameters by name
 
-    def collect(self, params: dict[str, nn.Parameter], mine: list[str]) -> tuple[dict, dict]:
-        return parameter_tensors(params, mine), optimizer_tensors(self.optimizer, params, mine)
+    def collect(self, mine: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Whole values of the parameters named in `mine` and their optimizer state ("<name>::<key>")."""
 
-    def groups(self, params: dict[str, nn.Parameter]) -> list[dict]:
-        return optimizer_groups(self.optimizer, params)
+    def groups(self) -> list[dict]:
+        """The optimizer's param groups, parameters by name."""
 
-    def restore(self, params, param_tensors, optim_tensors, groups) -> None:
-        restore_parameters(params, param_tensors)
-        restore_optimizer(self.optimizer, params, optim_tensors, groups)
-
-
-class DeepSpeedAccess:
-    """ZeRO-1/2/3 through DeepSpeed's tensor-fragment API, which assembles and scatters one parameter's fp32 value
-    and Adam state from the flat partitions. Every call is collective: all ranks walk all parameters in order."""
-
-    def __init__(self, zero_optimizer, accelerator):
-        self.zero, self.acc = zero_optimizer, accelerator
-
-    def _inner_states(self) -> list[dict]:
-        return [s for s in self.zero.optimizer.state.values() if s]
-
-    @staticmethod
-    def _full_shape(p: nn.Parameter) -> tuple[int, ...]:
-        return tuple(getattr(p, "ds_shape", p.shape))
-
-    def collect(self, params: dict[str, nn.Parameter], mine: list[str]) -> tuple[dict, dict]:
-        from deepspeed.utils import (
-            safe_get_full_fp32_param,
-            safe_get_full_optimizer_state,
-        )
-
-        states = self._inner_states()
-        step = states[0]["step"].detach().cpu().float().reshape(()) if states else torch.tensor(0.0)
-        owned, param_out, optim_out = set(mine), {}, {}
-        for name in sorted(params):
-            p, shape = params[name], self._full_shape(params[name])
-            value = safe_get_full_fp32_param(p)
-            moments = {k: safe_get_full_optimizer_state(p, k) for k in OPTIMIZER_KEYS}
-            if name in owned:
-                param_out[name] = value.detach().cpu().reshape(shape).contiguous()
-                for k, v in moments.items():
-                    optim_out[f"{name}{SEP}{k}"] = v.detach().cpu().reshape(shape).contiguous()
-                optim_out[f"{name}{SEP}step"] = step.clone()
-        return param_out, optim_out
-
-    def groups(self, params: dict[str, nn.Parameter]) -> list[dict]:
-        names = sorted(params)
-        return [{**{k: v for k, v in g.items() if k != "params"}, "params": names} for g in self.zero.optimizer.param_groups]
-
-    def _create_optimizer_state(self) -> None:
-        """Before the first step AdamW has no state to write into: torch creates it lazily at the first step, and
-        DeepSpeed links its per-parameter views after that. Create it now, in torch's own layout, and link it."""
-        flats = getattr(self.zero, "fp32_partitioned_groups_flat", None) or self.zero.single_partition_of_fp32_groups
-        for flat in flats:  # ZeRO-3 / ZeRO-1,2 flat fp32 partitions of this rank
-            state = self.zero.optimizer.state[flat]
-            if not state:
-                state.update(step=torch.zeros((), dtype=torch.float32, device=flat.device),
-                             exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-        if hasattr(self.zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: what DeepSpeed runs after step 1
-            self.zero._lazy_init_hp_params_optimizer_state()
-
-    def restore(self, params, param_tensors, optim_tensors, groups) -> None:
-        from deepspeed.utils import (
-            safe_set_full_fp32_param,
-            safe_set_full_optimizer_state,
-        )
-
-        from ftscale.distributed.zero import gathered
-
-        check_complete(params, param_tensors)
-        self._create_optimizer_state()
-        for name in sorted(params):
-            p = params[name]
-            safe_set_full_fp32_param(p, param_tensors[name].to(p.device))
-            for k in OPTIMIZER_KEYS:
-                safe_set_full_optimizer_state(p, optim_tensors[f"{name}{SEP}{k}"].to(p.device), k)
-        # The fp32 masters are set; the parameters the model computes with must hold the same values.
-        with gathered(list(params.values()), self.acc, modify=True), torch.no_grad():
-            for name, p in params.items():
-                p.data.copy_(param_tensors[name].reshape(p.shape).to(p.dtype))
-        step = next(v for k, v in optim_tensors.items() if k.endswith(f"{SEP}step"))
-        for state in self._inner_states():
-            state["step"] = step.to(state["step"].dtype).reshape(state["step"].shape).to(state["step"].device)
-        for live, saved in zip(self.zero.optimizer.param_groups, groups):
-            live.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
-
-
-class FSDPAccess(PlainAccess):
-    """FSDP2: each parameter and its Adam moments are DTensor shards. Gathered whole one parameter at a time (the
-    adapter is small) so the format stays the same for every backend; every call is collective."""
-
-    def collect(self, params: dict[str, nn.Parameter], mine: list[str]) -> tuple[dict, dict]:
-        from ftscale.distributed.fsdp import full_tensor
-
-        owned, param_out, optim_out = set(mine), {}, {}
-        for name in sorted(params):
-            value = full_tensor(params[name].detach())
-            moments = {k: full_tensor(v) for k, v in self.optimizer.state.get(params[name], {}).items()}
-            if name in owned:
-                param_out[name] = value.cpu().contiguous()
-                for k, v in moments.items():
-                    optim_out[f"{name}{SEP}{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-        return param_out, optim_out
-
-    def restore(self, params, param_tensors, optim_tensors, groups) -> None:
-        from ftscale.distributed.fsdp import shard_like
-
-        check_complete(params, param_tensors)
-        restore_parameters(params, {n: shard_like(param_tensors[n], p) for n, p in params.items()})
-        # Moments are laid out like their parameter; the step count is a plain scalar.
-        moments = {}
-        for key, value in optim_tensors.items():
-            name, field = key.split(SEP)
-            moments[key] = shard_like(value, params[name]) if field in OPTIMIZER_KEYS else value
-        restore_optimizer(self.optimizer, params, moments, groups)
-
-
-def state_access(optimizer, accelerator, model: nn.Module) -> PlainAccess | FSDPAccess | DeepSpeedAccess:
-    """The state access for this run's backend; `optimizer` is what accelerate.prepare returned."""
-    from ftscale.distributed.fsdp import is_sharded
-    from ftscale.distributed.zero import is_deepspeed
-
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> torch or DeepSpeed's optimizer
-    if is_deepspeed(accelerator):
-        return DeepSpeedAccess(inner, accelerator)
-    return FSDPAccess(inner) if is_sharded(model) else PlainAccess(inner)
+    def restore(self, param_tensors: dict[str, torch.Tensor], optim_tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+        """Load whole values (every rank's shards together) into this run's parameters and optimizer."""

@@ -3,6 +3,7 @@ every rank's files arrived, writes the manifest, renames the folder into place a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
@@ -25,11 +27,16 @@ from ftscale.atomic_files import (
 )
 from ftscale.checkpoint.layout import (
     ADAPTER,
+    ADAPTER_CONFIG,
+    BASE_CONFIG,
+    CONFIG,
     LATEST,
     MANIFEST,
     OPTIMIZER,
+    PARAM_GROUPS,
     PREEMPTED,
     RNG,
+    SCHEDULER,
     STEP_DIR,
     TRAINER_STATE,
     Checkpoint,
@@ -41,13 +48,11 @@ from ftscale.checkpoint.layout import (
     verify,
     write_manifest,
 )
-from ftscale.checkpoint.state import (
-    owned_names,
-    restore_rng,
-    rng_state,
-    trainable_parameters,
-)
+from ftscale.checkpoint.preemption import Preempted, PreemptionWatcher
+from ftscale.checkpoint.state import StateAccess, owned_names, restore_rng, rng_state
+from ftscale.checkpoint.trainer_state import TrainerState
 from ftscale.config import FtscaleConfig, load_config, render_config
+from ftscale.data.sampler import StepSampler
 from ftscale.json_files import read_json
 from ftscale.safetensors_stream import load_safetensors
 
@@ -88,12 +93,20 @@ def _run_id_of(step_dir: Path) -> str | None:
 
 
 class CheckpointStore:
-    def __init__(self, cfg: FtscaleConfig, accelerator):
-        self.cfg, self.acc = cfg, accelerator
+    """Built once per run with everything a checkpoint reads and restores; then `maybe_save(state, ...)` each step
+    and `load(ckpt)` on resume take only the trainer state. Collective methods say so."""
+
+    def __init__(
+        self, cfg: FtscaleConfig, accelerator, access: StateAccess, scheduler, write_adapter_config: Callable[[Path], None],
+        sampler: StepSampler, preemption: PreemptionWatcher,
+    ):
+        self.cfg, self.acc, self.access, self.scheduler = cfg, accelerator, access, scheduler
+        self.write_adapter_config, self.sampler, self.preemption = write_adapter_config, sampler, preemption
         self.root = Path(cfg.checkpoint.dir or Path(cfg.training.output_dir) / "checkpoints")
         self.protected: Path | None = None  # the checkpoint this run resumed from: retention never deletes it
         self.run_id: str | None = None  # set by start(): the identity every checkpoint of this run carries
         self._own_legacy = False  # resumed from a checkpoint written before runs had ids: those count as this run's
+        self._last_save = time.monotonic()  # for checkpoint.every_minutes
 
     # ---- run identity -------------------------------------------------------------------------------------------
     def start(self, resumed: Checkpoint | None) -> str:
@@ -114,7 +127,9 @@ class CheckpointStore:
         self.run_id = broadcast_object_list([run_id])[0] if self.acc.num_processes > 1 else run_id  # rank 0's
         if self.acc.is_main_process and self.root.is_dir():
             self._set_aside(resumed)
+            (self.root / PREEMPTED).unlink(missing_ok=True)  # this run takes over from the preempted one
         self.acc.wait_for_everyone()
+        self._last_save = time.monotonic()
         return self.run_id
 
     def _owns(self, step_dir: Path) -> bool:
@@ -156,19 +171,38 @@ class CheckpointStore:
         )
 
     # ---- save ---------------------------------------------------------------------------------------------------
-    def save(self, step: int, model, access, scheduler, trainer_state: dict, write_adapter_config) -> Path:
-        """Collective: every rank must call it. `model` is the unwrapped model; `access` reads its full state
-        (state.state_access)."""
-        acc, rank, world = self.acc, self.acc.process_index, self.acc.num_processes
+    def local_triggers(self) -> tuple[bool, bool]:
+        """(a preemption signal arrived here, a wall-clock save is due here): signals and clocks differ between
+        ranks, so the recipe agrees on them over all ranks before `maybe_save`."""
+        ck = self.cfg.checkpoint
+        timed = ck.every_minutes is not None and time.monotonic() - self._last_save >= 60 * ck.every_minutes
+        return self.preemption.received is not None, timed
+
+    def maybe_save(self, state: TrainerState, preempted: bool, timed: bool, last_step: bool) -> None:
+        """Save if one is due after this step: preemption (then raises Preempted, for requeue), checkpoint.every_steps
+        or checkpoint.every_minutes. The last step is saved by the caller after the final evaluation. Collective;
+        `preempted` and `timed` must be the same on every rank."""
+        if preempted:
+            path = self.save(state)
+            signal_name = self.preemption.received or "a signal on another rank"
+            if self.acc.is_main_process:
+                write_text_atomically(self.root / PREEMPTED, json.dumps({"step": state.step, "signal": signal_name, "checkpoint": str(path)}))
+            raise Preempted(state.step, signal_name, str(path))
+        every = self.cfg.checkpoint.every_steps
+        if not last_step and (timed or (every and state.step % every == 0)):
+            self.save(state)
+
+    def save(self, state: TrainerState) -> Path:
+        """Write a checkpoint of `state.step`. Collective: every rank must call it."""
+        acc, rank, world, step = self.acc, self.acc.process_index, self.acc.num_processes, state.step
         final = self.root / step_dir_name(step)
         tmp = partial_path(final)
         log.debug("checkpoint step %d: writing shards", step)
         if acc.is_main_process:
             partial_folder(final)  # a partial folder from a crash: never loaded, safe to drop
         acc.wait_for_everyone()
-        params = trainable_parameters(model)
-        param_tensors, optim_tensors = access.collect(params, owned_names(list(params), rank, world))
-        groups = access.groups(params)
+        param_tensors, optim_tensors = self.access.collect(owned_names(list(self.access.params), rank, world))
+        groups = self.access.groups()
         for sub in (ADAPTER, OPTIMIZER, RNG):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         save_file(param_tensors, str(tmp / ADAPTER / shard_name(rank, world)))
@@ -177,11 +211,18 @@ class CheckpointStore:
         save_file(rng, str(tmp / RNG / rng_name(rank)), metadata=rng_meta)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._finalise(tmp, final, step, world, groups, scheduler, trainer_state, write_adapter_config)
+            epoch, offset = self.sampler.position(step)
+            stamped = dataclasses.replace(
+                state, epoch=epoch, sample_offset=offset, rows_per_step=self.sampler.rows_per_step, world_size=world,
+                num_train_rows=len(self.sampler.rows), run_id=self.run_id,
+            )
+            self._finalise(tmp, final, stamped, groups)
         acc.wait_for_everyone()
+        self._last_save = time.monotonic()
         return final
 
-    def _finalise(self, tmp, final, step, world, groups, scheduler, trainer_state, write_adapter_config) -> None:
+    def _finalise(self, tmp: Path, final: Path, state: TrainerState, groups: list[dict]) -> None:
+        world = state.world_size
         expected = [tmp / sub / shard_name(r, world) for sub in (ADAPTER, OPTIMIZER) for r in range(world)]
         expected += [tmp / RNG / rng_name(r) for r in range(world)]
         missing = [str(p.relative_to(tmp)) for p in expected if not p.is_file()]
@@ -190,16 +231,16 @@ class CheckpointStore:
                 f"checkpoint {tmp}: files of other ranks did not arrive ({', '.join(missing[:3])}): checkpoint.dir must be "
                 "a folder every node sees (a shared filesystem), not node-local storage"
             )
-        (tmp / OPTIMIZER / "param_groups.json").write_text(json.dumps(groups, indent=2))
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), indent=2))
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "run_id": self.run_id}, indent=2))
-        (tmp / "config.yaml").write_text(render_config(self.cfg))
+        (tmp / PARAM_GROUPS).write_text(json.dumps(groups, indent=2))
+        (tmp / SCHEDULER).write_text(json.dumps(self.scheduler.state_dict(), indent=2))
+        (tmp / TRAINER_STATE).write_text(state.to_json())
+        (tmp / CONFIG).write_text(render_config(self.cfg))
         base_config = Path(self.cfg.model.path) / "config.json"
         if base_config.is_file():  # lets export-adapter rebuild the model skeleton without the base weights
-            shutil.copy2(base_config, tmp / "base_config.json")
-        write_adapter_config(tmp / "adapter_config")
-        write_manifest(tmp, step, {"world_size": world, "method": self.cfg.method.name, "run_id": self.run_id})
-        log.debug("checkpoint step %d: manifest written, renaming into place", step)
+            shutil.copy2(base_config, tmp / BASE_CONFIG)
+        self.write_adapter_config(tmp / ADAPTER_CONFIG)
+        write_manifest(tmp, state.step, {"world_size": world, "method": self.cfg.method.name, "run_id": self.run_id})
+        log.debug("checkpoint step %d: manifest written, renaming into place", state.step)
         replace_folder(tmp, final)
         write_text_atomically(self.root / LATEST, final.name)
         self._retain()
@@ -237,28 +278,19 @@ class CheckpointStore:
             raise CheckpointError(error)
         return verify(Path(path), checksums=False) if path else None
 
-    def load(self, ckpt: Checkpoint, model, access, scheduler, rows_per_step: int, num_rows: int) -> dict:
-        """Restore everything from `ckpt` into this run; returns the saved trainer state."""
+    def load(self, ckpt: Checkpoint) -> TrainerState:
+        """Restore everything from `ckpt` into this run (parameters, optimizer, schedule, this rank's RNG); returns
+        the saved trainer state. Collective."""
         log.info("resuming from %s", ckpt.path)
-        diffs = config_differences(load_config(ckpt.path / "config.yaml"), self.cfg)
+        diffs = config_differences(load_config(ckpt.path / CONFIG), self.cfg)
         if diffs:
             raise CheckpointError(f"{ckpt.path} was written by a different run:\n  " + "\n  ".join(diffs) + "\n  (use another training.output_dir or checkpoint.resume=none to start fresh)")
-        state = ckpt.read_json(TRAINER_STATE)
-        missing = [k for k in ("step", "rows_per_step", "num_train_rows", "history", "eval_loss_before", "tokens_seen") if k not in state]
-        if missing:
-            raise CheckpointError(f"{ckpt.path}: {TRAINER_STATE} lacks {', '.join(missing)}: not written by this ftscale")
-        if state["rows_per_step"] != rows_per_step:
-            raise CheckpointError(
-                f"{ckpt.path}: written with {state['rows_per_step']} rows per optimizer step (micro_batch_size x processes x "
-                f"gradient_accumulation_steps), this run has {rows_per_step}. Keep the global batch: with "
-                f"{self.acc.num_processes} processes set micro_batch_size x gradient_accumulation_steps = "
-                f"{state['rows_per_step'] / self.acc.num_processes:g}"
-            )
-        if state["num_train_rows"] != num_rows:
-            raise CheckpointError(f"{ckpt.path}: the training data had {state['num_train_rows']} rows, now {num_rows}: the data changed")
-        groups = ckpt.read_json(f"{OPTIMIZER}/param_groups.json")
-        access.restore(trainable_parameters(model), ckpt.read_tensors(ADAPTER), ckpt.read_tensors(OPTIMIZER), groups)
-        scheduler.load_state_dict(ckpt.read_json("scheduler.json"))
+        state = TrainerState.from_json(ckpt.read_json(TRAINER_STATE), str(ckpt.path))
+        problem = self.sampler.resume_problem(state.rows_per_step, state.num_train_rows)
+        if problem:
+            raise CheckpointError(f"{ckpt.path}: {problem}")
+        self.access.restore(ckpt.read_tensors(ADAPTER), ckpt.read_tensors(OPTIMIZER), ckpt.read_json(PARAM_GROUPS))
+        self.scheduler.load_state_dict(ckpt.read_json(SCHEDULER))
         rng_file = ckpt.path / RNG / rng_name(self.acc.process_index)
         if rng_file in ckpt.listed(RNG):
             restore_rng(*load_safetensors(rng_file))
@@ -267,13 +299,3 @@ class CheckpointStore:
         self.protected = ckpt.path
         log.info("resumed from %s (step %d, written by %d processes)", ckpt.path, ckpt.step, ckpt.manifest["world_size"])
         return state
-
-    # ---- preemption marker --------------------------------------------------------------------------------------
-    def mark_preempted(self, info: dict) -> None:
-        if self.acc.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_text_atomically(self.root / PREEMPTED, json.dumps(info))
-
-    def clear_preempted(self) -> None:
-        if self.acc.is_main_process:
-            (self.root / PREEMPTED).unlink(missing_ok=True)

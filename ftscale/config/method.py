@@ -9,10 +9,9 @@ from ftscale.config.model import DType
 
 MethodName = Literal["lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck"]
 
-# Methods whose trainable state is a set of virtual tokens prepended to every example.
+# Methods whose trainable state is a set of virtual tokens fed with every example (peft's prompt learning): no
+# packing, no gradient checkpointing, nothing to merge, and read on every FSDP2 rank.
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-# Methods that add a weight delta and can therefore be merged into the base.
-MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3")
 
 
 class LoraSection(Section):

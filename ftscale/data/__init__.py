@@ -8,7 +8,8 @@ from ftscale.data.dataset import (
     tokenize_sources,
 )
 from ftscale.data.packing import Row, collate, pack_examples
+from ftscale.data.sampler import StepSampler
 from ftscale.data.sources import DataError
-from ftscale.data.tokenize import IGNORE_INDEX, ensure_chat_template
+from ftscale.data.tokenize import IGNORE_INDEX, ensure_chat_template, ensure_pad_token
 
-__all__ = ["DataError", "DataStats", "IGNORE_INDEX", "Row", "build_datasets", "build_rows", "describe", "collate", "ensure_chat_template", "pack_examples", "tokenize_sources"]
+__all__ = ["DataError", "DataStats", "IGNORE_INDEX", "Row", "StepSampler", "build_datasets", "build_rows", "describe", "collate", "ensure_chat_template", "ensure_pad_token", "pack_examples", "tokenize_sources"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -16,6 +17,11 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]  # restart at 0 at each packed example: the attention kernel isolates examples by them
+
+    @cached_property  # a frozen dataclass still has an instance __dict__ for it
+    def loss_tokens(self) -> int:
+        """Tokens the loss is taken on: the model shifts labels by one, so the first label never counts."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 def pack_examples(examples: list[TokenizedExample], max_len: int) -> list[Row]:

@@ -26,9 +26,13 @@ def ensure_chat_template(tokenizer, mode: str) -> int:
     tokenizer.chat_template = CHATML_TEMPLATE
     added = tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.eos_token = "<|im_end|>"
+    return added
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Batches are padded: a tokenizer without a pad token pads with end-of-sequence (padding takes no loss)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return added
 
 
 @dataclass(frozen=True)

@@ -1,2 +1,2 @@
-"""Backend specifics that Accelerate leaves to the training code: launch checks, FSDP2 sharding, DeepSpeed ZeRO
-configuration, and loading the base from rank 0."""
+"""Everything backend-specific: launch settings, the `Backend` interface and its implementations (DDP / one
+process, FSDP2, DeepSpeed ZeRO), loading the base from rank 0, and the checks a launch must pass."""

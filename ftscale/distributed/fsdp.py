@@ -1,4 +1,4 @@
-"""FSDP2: torch's `fully_shard` on every decoder layer, then on the root module.
+"""FSDP2: torch's `fully_shard` on every decoder layer, then on the root module; its checkpoint state access.
 
 ftscale applies it itself rather than through accelerate: accelerate turns FSDP on only for CUDA launches, and one
 code path on CPU and GPU means the path the tests run is the path GPU jobs run. Accelerate still forms the process
@@ -7,52 +7,96 @@ group; the launch config (configs/accelerate/fsdp2.yaml) supplies the settings t
 
 from __future__ import annotations
 
-import os
+import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ftscale.config import ConfigError
+from ftscale.checkpoint.state import OPTIMIZER_KEYS, SEP, check_complete, restore_optimizer, restore_parameters
+from ftscale.config import ConfigError, PROMPT_METHODS
+from ftscale.distributed.backend import Backend
+from ftscale.distributed.ddp import PlainAccess
+from ftscale.distributed.launch import FSDPSettings
+from ftscale.distributed.tensors import broadcast_buffers_from_rank0, full_tensor, local_tensor, shard_like
 
-
-@dataclass(frozen=True)
-class FSDPSettings:
-    reshard_after_forward: bool  # free a layer's gathered weights after its forward (recomputed in backward)
-    offload_params: bool  # sharded parameters and optimizer state in CPU memory
-    ram_efficient_loading: bool  # rank 0 reads the checkpoint; the other ranks start on the meta device
-
-
-def _flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).lower() == "true"
+log = logging.getLogger("ftscale")
 
 
-def fsdp_settings() -> FSDPSettings | None:
-    """The FSDP settings of this launch, or None when the accelerate config does not select FSDP."""
-    if not _flag("ACCELERATE_USE_FSDP", "false"):
-        return None
-    if os.environ.get("FSDP_VERSION", "2") != "2":
-        raise ConfigError("the accelerate config selects FSDP version 1: ftscale runs FSDP2; set fsdp_config.fsdp_version: 2")
-    return FSDPSettings(
-        reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
-        offload_params=_flag("FSDP_OFFLOAD_PARAMS", "false"),
-        ram_efficient_loading=_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", "true"),
-    )
+class FSDP2Backend(Backend):
+    name = "FSDP2"
+
+    def __init__(self, accelerator, cfg, settings: FSDPSettings):
+        super().__init__(accelerator, cfg)
+        self.settings = settings
+        # peft's prompt learning keeps a second reference to the input embedding, which FSDP2 does not shard and
+        # rank 0 could not fill: those methods read the base on every rank.
+        self.reads_on_rank0_only = (
+            accelerator.num_processes > 1 and settings.ram_efficient_loading and cfg.method.name not in PROMPT_METHODS
+        )
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        device = self.acc.device
+        values = full_values(model) if self.reads_on_rank0_only and self.acc.is_main_process else {}
+        model = shard_model(model, self.settings, device)
+        if self.reads_on_rank0_only:
+            load_from_rank0(model, values, device)
+            self._log_rank0_loading(log)
+        return model
+
+    def prepare(self, model, optimizer):
+        return model, self.acc.prepare(optimizer)  # already sharded: prepare would wrap the model in DDP
+
+    @contextmanager
+    def micro_batch(self, model, k: int, n: int):
+        model.set_requires_gradient_sync(k == n - 1)  # reduce-scatter gradients once per step, after the last
+        with self.acc.accumulate(model):
+            yield
+
+    def after_eval(self, model) -> None:
+        reshard_all(model)
+
+    def scalar(self, t: torch.Tensor) -> float:
+        return float(full_tensor(t))
+
+    @contextmanager
+    def trainable_state_for_saving(self, model):
+        with unsharded_for_saving(model):
+            yield full_trainable_state_dict(model)
+
+    def state_access(self, model, optimizer) -> FSDPAccess:
+        return FSDPAccess(model, getattr(optimizer, "optimizer", optimizer))
+
+    def local_numel(self, p) -> int:
+        return local_tensor(p).numel()
 
 
-@contextmanager
-def accelerate_without_fsdp():
-    """Build the Accelerator as for DDP (process group, device, autocast) without accelerate wrapping the model."""
-    saved = os.environ.get("ACCELERATE_USE_FSDP")
-    os.environ["ACCELERATE_USE_FSDP"] = "false"
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["ACCELERATE_USE_FSDP"] = saved
+class FSDPAccess(PlainAccess):
+    """Each parameter and its Adam moments are DTensor shards. Gathered whole one parameter at a time (the adapter
+    is small) so the format stays the same for every backend; every call is collective."""
+
+    def collect(self, mine: list[str]) -> tuple[dict, dict]:
+        owned, param_out, optim_out = set(mine), {}, {}
+        for name in sorted(self.params):
+            value = full_tensor(self.params[name].detach())
+            moments = {k: full_tensor(v) for k, v in self.optimizer.state.get(self.params[name], {}).items()}
+            if name in owned:
+                param_out[name] = value.cpu().contiguous()
+                for k, v in moments.items():
+                    optim_out[f"{name}{SEP}{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        return param_out, optim_out
+
+    def restore(self, param_tensors, optim_tensors, groups) -> None:
+        params = self.params
+        check_complete(params, param_tensors)
+        restore_parameters(params, {n: shard_like(param_tensors[n], p) for n, p in params.items()})
+        # Moments are laid out like their parameter; the step count is a plain scalar.
+        moments = {}
+        for key, value in optim_tensors.items():
+            name, field = key.split(SEP)
+            moments[key] = shard_like(value, params[name]) if field in OPTIMIZER_KEYS else value
+        restore_optimizer(self.optimizer, params, moments, groups)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -99,16 +143,6 @@ def load_from_rank0(model: nn.Module, values: dict[str, torch.Tensor], device: t
     broadcast_buffers_from_rank0(model, device)
 
 
-def broadcast_buffers_from_rank0(model: nn.Module, device: torch.device) -> None:
-    """Every buffer whole, as rank 0 holds it; buffers still on the meta device are allocated first. Collective.
-    Buffers are never sharded (FSDP2 and ZeRO-3 alike), and non-persistent ones are in no state dict."""
-    for name, buffer in model.named_buffers():
-        if buffer.is_meta:
-            owner, _, attr = name.rpartition(".")
-            buffer = model.get_submodule(owner)._buffers[attr] = torch.empty_like(buffer, device=device)
-        dist.broadcast(buffer, src=0)
-
-
 def prompt_encoders(model: nn.Module) -> list[nn.Module]:
     """peft's prompt-learning encoders (prompt tuning, prefix tuning, P-tuning), which peft runs to save them."""
     return list(getattr(model, "prompt_encoder", {}).values()) if isinstance(getattr(model, "prompt_encoder", None), nn.ModuleDict) else []
@@ -118,7 +152,7 @@ def prompt_encoders(model: nn.Module) -> list[nn.Module]:
 def unsharded_for_saving(model: nn.Module):
     """peft saves prompt-learning adapters by running their encoder, on rank 0 only: gather those (small) units on
     every rank first, so that forward needs no collective. Collective: every rank must enter."""
-    encoders = prompt_encoders(model) if is_sharded(model) else []
+    encoders = prompt_encoders(model)
     for encoder in encoders:
         encoder.unshard()
     try:
@@ -136,31 +170,6 @@ def reshard_all(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole value of a sharded tensor (collective: every rank must call it), or the tensor itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def shard_like(value: torch.Tensor, like: torch.Tensor, from_rank0: bool = False) -> torch.Tensor:
-    """`value` (a whole tensor) laid out as `like`: its shard when `like` is a DTensor. from_rank0: only rank 0's
-    `value` is real, and the others receive theirs (collective); otherwise every rank holds the same `value`."""
-    if not isinstance(like, DTensor):
-        if from_rank0:
-            dist.broadcast(value, src=0)
-        return value.to(like.device)
-    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=0 if from_rank0 else None)
 
 
 def full_trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftscale.config.data import DataConfig, DataSource
-from ftscale.data import collate, tokenize_sources
+from ftscale.data import ensure_pad_token, tokenize_sources
 from ftscale.data.formats import to_example
 from ftscale.data.packing import single_rows
 from ftscale.data.sources import DataError, read_rows
+from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import load_adapter
 from ftscale.methods.bottleneck import is_bottleneck_adapter
 from ftscale.model.loading import check_model_path
@@ -40,13 +41,8 @@ def load_model(path: str | Path, base: str | Path) -> torch.nn.Module:
 def heldout_loss(model, tokenizer, data: str) -> float:
     cfg = DataConfig(train=[], eval=[], packing=False, max_seq_len=2048)
     examples, _ = tokenize_sources([DataSource(path=data)], cfg, tokenizer)
-    total = count = 0.0
-    for row in single_rows(examples):
-        batch = collate([row], tokenizer.pad_token_id, packed=False)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(**batch, use_cache=False).loss.item() * n
-        count += n
-    return total / count
+    sums = [summed_loss(model, [row], tokenizer.pad_token_id, False, torch.device("cpu")) for row in single_rows(examples)]
+    return sum(s for s, _ in sums) / sum(n for _, n in sums)
 
 
 @torch.no_grad()
@@ -82,8 +78,7 @@ def compare_models(base: str, tuned: str, data: str, max_new_tokens: int = 48, l
         check_model_path(tuned, "--tuned")
     conversations = _conversations(data, limit)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     prompts = [c[:-1] for c in conversations]
     references = [c[-1]["content"] for c in conversations]
     rows = conversations

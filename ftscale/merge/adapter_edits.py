@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ftscale.config import PROMPT_METHODS
 from ftscale.errors import FtscaleError, first_line
 from ftscale.json_files import read_json
 from ftscale.methods.bottleneck import is_bottleneck_adapter
@@ -19,11 +20,8 @@ from ftscale.safetensors_stream import read_header, read_tensor
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 PREFIX = "base_model.model."
-NOT_MERGEABLE = {
-    "PROMPT_TUNING": "prompt tuning",
-    "PREFIX_TUNING": "prefix tuning",
-    "P_TUNING": "P-tuning",
-}
+# peft_type of the prompt-learning methods -> their name: virtual tokens, no weight change to merge.
+NOT_MERGEABLE = {method.upper(): method.replace("_", " ") for method in PROMPT_METHODS}
 
 
 class MergeError(FtscaleError, ValueError):

@@ -20,6 +20,7 @@ from ftscale.atomic_files import partial_folder, replace_folder
 from ftscale.json_files import read_json
 from ftscale.merge.adapter_edits import AdapterEdits, MergeError, read_adapter_edits
 from ftscale.safetensors_stream import (
+    tensor_bytes,
     StreamingSafetensorsWriter,
     TensorInfo,
     read_header,
@@ -114,7 +115,7 @@ def _plan_shards(items: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byte
     shards: list[list] = [[]]
     size = 0
     for item in items:
-        nbytes = torch.Size(item[2]).numel() * torch.empty((), dtype=item[1]).element_size()
+        nbytes = tensor_bytes(item[2], item[1])
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -148,7 +149,7 @@ def stream_merge(
     names = list(tensors) + [n for n in sources if n not in tensors]  # untied heads come last
     items = [(n, target_dtype(tensors[sources.get(n, n)]), tensors[sources.get(n, n)].shape) for n in names]
     shards = _plan_shards(items, max_bytes)
-    total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in items)
+    total = sum(tensor_bytes(s, d) for _, d, s in items)
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
     if free < total:
         raise MergeError(f"merging needs {total / 1e9:.2f} GB in {out.parent}, only {free / 1e9:.2f} GB is free")

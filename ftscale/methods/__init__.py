@@ -65,10 +65,3 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = Fal
 
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
-
-def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    def numel(p) -> int:  # a ZeRO-3 partitioned parameter reports numel 0; ds_numel is its whole size
-        return getattr(p, "ds_numel", p.numel())
-
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    return trainable, sum(numel(p) for p in model.parameters())

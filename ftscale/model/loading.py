@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 from huggingface_hub import is_offline_mode
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ftscale.config import ConfigError, FtscaleConfig
 from ftscale.config.model import DEFAULT_MODEL_PATH, ModelConfig
-from ftscale.data import ensure_chat_template
+from ftscale.data import ensure_chat_template, ensure_pad_token
 from ftscale.model.bnb_cpu import disable_cpu_weight_repacking
 from ftscale.safetensors_stream import read_header
 from ftscale.errors import first_line
@@ -45,8 +44,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path={model_cfg.path}: cannot load its tokenizer ({first_line(e)})") from None
     added = ensure_chat_template(tokenizer, model_cfg.chat_template)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return tokenizer, added
 
 
@@ -63,10 +61,13 @@ def quantization_config(cfg: FtscaleConfig) -> BitsAndBytesConfig | None:
     )
 
 
-def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | None = None, empty: bool = False):
+def load_base_model(
+    cfg: FtscaleConfig, device: torch.device, vocab_size: int | None = None, empty: bool = False, placed_by_backend: bool = False
+):
     """The frozen base model on `device`; embeddings resized to `vocab_size` when tokens were added.
     empty=True: the same model on the meta device, with no weight held (FSDP2 / ZeRO-3 ranks other than 0, which
-    receive their shards from rank 0). A 4-bit base is then a skeleton: see ftscale.model.quantized_skeleton."""
+    receive their shards from rank 0). A 4-bit base is then a skeleton: see ftscale.distributed.quantized_skeleton.
+    placed_by_backend: the backend places (and partitions) the weights while they load (ZeRO-3's zero.Init)."""
     quant = quantization_config(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -74,8 +75,8 @@ def load_base_model(cfg: FtscaleConfig, device: torch.device, vocab_size: int | 
             dtype=DTYPES[cfg.model.dtype] if quant is None else DTYPES[cfg.method.quantization.compute_dtype],
             attn_implementation=cfg.model.attn_implementation,
             quantization_config=quant,
-            # ZeRO-3 places (and partitions) the weights itself and refuses a device_map.
-            device_map={"": "meta"} if empty else {"": device} if quant is not None and not is_deepspeed_zero3_enabled() else None,
+            # A backend that places the weights itself refuses a device_map.
+            device_map={"": "meta"} if empty else {"": device} if quant is not None and not placed_by_backend else None,
             trust_remote_code=cfg.model.trust_remote_code,
         )
     except OSError as e:  # transformers' way of saying a weights file is missing or unreadable

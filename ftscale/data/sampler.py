@@ -1,0 +1,59 @@
+"""The data order: which rows each rank trains on at each optimizer step.
+
+The global order is a seeded permutation per epoch; micro-batch k of a step is a contiguous slice of it, split by
+rank. So N processes with batch B see exactly the rows one process with batch N*B sees, and a step number alone
+fixes the data position: (epoch, offset) is all a checkpoint needs to resume it exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from ftscale.data.packing import Row
+
+
+class StepSampler:
+    def __init__(self, rows: list[Row], micro_batch_size: int, accumulation_steps: int, rank: int, world: int, seed: int):
+        self.rows, self.micro, self.accumulation, self.rank, self.world, self.seed = rows, micro_batch_size, accumulation_steps, rank, world, seed
+        self.rows_per_step = micro_batch_size * world * accumulation_steps
+        self.steps_per_epoch = len(rows) // self.rows_per_step
+        self._order: list[int] = []  # this epoch's permutation, drawn once per epoch
+        self._order_epoch: int | None = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, rows of that epoch already trained on) after `step` optimizer steps."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return epoch, index * self.rows_per_step
+
+    def _step_order(self, step: int) -> list[int]:
+        """The row indices of optimizer step `step` (0-based), all ranks and micro-batches, in order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._order_epoch != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._order, self._order_epoch = torch.randperm(len(self.rows), generator=generator).tolist(), epoch
+        return self._order[index * self.rows_per_step : (index + 1) * self.rows_per_step]
+
+    def micro_batches(self, step: int) -> list[list[Row]]:
+        """This rank's micro-batches (lists of rows) for optimizer step `step`."""
+        order, per_micro = self._step_order(step), self.micro * self.world
+        return [
+            [self.rows[i] for i in order[k * per_micro + self.rank * self.micro : k * per_micro + (self.rank + 1) * self.micro]]
+            for k in range(self.accumulation)
+        ]
+
+    def step_loss_tokens(self, step: int) -> int:
+        """Loss tokens of the whole step on all ranks: every rank holds every row, so no collective is needed to
+        normalise the gradient by it."""
+        return sum(self.rows[i].loss_tokens for i in self._step_order(step))
+
+    def resume_problem(self, rows_per_step: int, num_rows: int) -> str | None:
+        """Why a checkpoint written with `rows_per_step` rows per step over `num_rows` rows cannot continue this data
+        order, or None when it can."""
+        if rows_per_step != self.rows_per_step:
+            return (
+                f"written with {rows_per_step} rows per optimizer step (micro_batch_size x processes x "
+                f"gradient_accumulation_steps), this run has {self.rows_per_step}. Keep the global batch: with "
+                f"{self.world} processes set micro_batch_size x gradient_accumulation_steps = {rows_per_step / self.world:g}"
+            )
+        if num_rows != len(self.rows):
+            return f"the training data had {num_rows} rows, now {len(self.rows)}: the data changed"
+        return None
