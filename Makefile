@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, import the bundled SmolLM2-135M-Instruct, fine-tune it with LoRA on CPU, merge, compare
-#   make test   set up, then run the test suite
+#   make test   set up, lint (ruff format + check, configured in pyproject.toml), then run the test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv model demo test clean
+.PHONY: venv model demo lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ demo: model
 	$(VENV)/bin/ftscale merge --base $(MODEL) --adapter $(RUN)/adapter --out $(RUN)/merged --dtype fp32 --overwrite --verify
 	$(VENV)/bin/ftscale compare --base $(MODEL) --tuned $(RUN)/merged --data data/demo/eval.jsonl --json-out $(RUN)/compare.json
 
-test: model
+LINTED := ftscale tests launch bench data
+
+lint: venv
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/ruff check $(LINTED)
+
+test: model lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:

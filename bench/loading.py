@@ -18,10 +18,16 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEAK = "import atexit, os, resource, sys\natexit.register(lambda: print(f'PEAK_RSS rank={os.environ.get(\"RANK\")} kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr))\n"
+PEAK = (
+    "import atexit, os, resource, sys\n"
+    'atexit.register(lambda: print(f\'PEAK_RSS rank={os.environ.get("RANK")} '
+    "kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr))\n"
+)
 # The switch per backend: a line of its accelerate config.
-SWITCH = {"fsdp2": ("fsdp_cpu_ram_efficient_loading: true", "fsdp_cpu_ram_efficient_loading: false"),
-          "zero3": ("zero3_init_flag: true", "zero3_init_flag: false")}
+SWITCH = {
+    "fsdp2": ("fsdp_cpu_ram_efficient_loading: true", "fsdp_cpu_ram_efficient_loading: false"),
+    "zero3": ("zero3_init_flag: true", "zero3_init_flag: false"),
+}
 
 
 def run(tmp: Path, backend: str, method: str, efficient: bool) -> dict[int, float]:
@@ -31,11 +37,27 @@ def run(tmp: Path, backend: str, method: str, efficient: bool) -> dict[int, floa
     config.write_text(text if efficient else text.replace(on, off))
     data = tmp / "train.jsonl"
     data.write_text("".join((REPO / "data/demo/train.jsonl").read_text().splitlines(keepends=True)[:8]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-           str(REPO / "launch/sft.py"), "--config", str(REPO / f"configs/smollm2-135m/{method}.yaml"),
-           f"data.train=[{{path: {data}}}]", "data.eval=[]", f"training.output_dir={tmp}/{backend}-{method}-{efficient}",
-           "training.max_steps=1", "training.micro_batch_size=1", "training.gradient_accumulation_steps=1",
-           "data.max_seq_len=128", "logging.console=false", "checkpoint.save_final_adapter=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        str(REPO / "launch/sft.py"),
+        "--config",
+        str(REPO / f"configs/smollm2-135m/{method}.yaml"),
+        f"data.train=[{{path: {data}}}]",
+        "data.eval=[]",
+        f"training.output_dir={tmp}/{backend}-{method}-{efficient}",
+        "training.max_steps=1",
+        "training.micro_batch_size=1",
+        "training.gradient_accumulation_steps=1",
+        "data.max_seq_len=128",
+        "logging.console=false",
+        "checkpoint.save_final_adapter=false",
+    ]
     env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{REPO}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
     if proc.returncode != 0:

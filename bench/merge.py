@@ -43,21 +43,38 @@ def build_base(path: Path, layers: int, hidden: int, vocab: int = 32000) -> int:
     from transformers import LlamaConfig
 
     inter = int(hidden * 2.75)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        tie_word_embeddings=False,
+    )
     path.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(path)
     g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.02
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
     groups = [{"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}]
     for i in range(layers):
         p = f"model.layers.{i}."
-        groups.append({
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
-            p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden), p + "mlp.down_proj.weight": (hidden, inter),
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-        })
+        groups.append(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (hidden, hidden),
+                p + "self_attn.v_proj.weight": (hidden, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     weight_map, total = {}, 0
     for n, group in enumerate(groups, 1):
         fname = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
@@ -87,8 +104,13 @@ def build_adapter(base: Path, path: Path, r: int = 16) -> None:
         state[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.01
     path.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               task_type="CAUSAL_LM", base_model_name_or_path=str(base)).save_pretrained(path)
+    LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base),
+    ).save_pretrained(path)
 
 
 def timed(script: str, base: Path, adapter: Path, out: Path) -> dict:

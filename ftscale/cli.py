@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from ftscale.checkpoint import REQUEUE_EXIT_CODE, Preempted
+    from ftscale.distributed.launch import is_first_process
     from ftscale.recipes.sft import recipe_main
 
     try:
@@ -27,7 +27,7 @@ def cmd_train(args) -> int:
     except Preempted as e:
         print(f"ftscale train: {e}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
-    if os.environ.get("RANK", "0") == "0":
+    if is_first_process():
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 

@@ -17,11 +17,25 @@ import torch
 from ftscale.errors import FtscaleError
 
 DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.float8_e8m0fnu: "F8_E8M0",
-    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.complex64: "C64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e8m0fnu: "F8_E8M0",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.complex64: "C64",
 }
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 ALIGN = 8
@@ -53,11 +67,7 @@ def tensor_bytes(shape, dtype: torch.dtype) -> int:
 
 def _ints(value, count: int | None = None) -> bool:
     """A JSON list of non-negative integers (booleans are not integers here), each small enough to be a size."""
-    return (
-        isinstance(value, list)
-        and (count is None or len(value) == count)
-        and all(type(v) is int and 0 <= v < 2**63 for v in value)
-    )
+    return isinstance(value, list) and (count is None or len(value) == count) and all(type(v) is int and 0 <= v < 2**63 for v in value)
 
 
 def _entry(path: Path, name: str, h, data_start: int) -> TensorInfo:
@@ -73,7 +83,10 @@ def _entry(path: Path, name: str, h, data_start: int) -> TensorInfo:
     dtype = DTYPES[h["dtype"]]
     want = tensor_bytes(shape, dtype)
     if offsets[1] - offsets[0] != want:
-        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{name}' {tuple(shape)} {h['dtype']} needs {want} bytes, its offsets span {offsets[1] - offsets[0]}")
+        raise SafetensorsError(
+            f"{path}: corrupt safetensors header: tensor '{name}' {tuple(shape)} {h['dtype']} needs {want} bytes, "
+            f"its offsets span {offsets[1] - offsets[0]}"
+        )
     return TensorInfo(path, name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
@@ -105,7 +118,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     position = data_start
     for info in infos:
         if info.begin != position:
-            raise SafetensorsError(f"{path}: corrupt safetensors header: tensor '{info.name}' starts at byte {info.begin}, expected {position}")
+            raise SafetensorsError(
+                f"{path}: corrupt safetensors header: tensor '{info.name}' starts at byte {info.begin}, expected {position}"
+            )
         if info.end > size:
             raise SafetensorsError(
                 f"{path}: truncated: tensor '{info.name}' ends at byte {info.end} but the file has only {size} bytes "

@@ -59,8 +59,17 @@ def free_port() -> int:
 
 
 def launch_cmd(accelerate_config: str, model_dir, data, out, **extra) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / f"configs/accelerate/{accelerate_config}.yaml"),
-            "--main_process_port", str(free_port()), str(REPO / "launch/sft.py"), *tiny_overrides(model_dir, data, out, **extra)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / f"configs/accelerate/{accelerate_config}.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "launch/sft.py"),
+        *tiny_overrides(model_dir, data, out, **extra),
+    ]
 
 
 def ddp_cmd(model_dir, data, out, **extra) -> list[str]:

@@ -84,7 +84,7 @@ class SlurmCluster:
         """The environment for sbatch/squeue/scontrol: clients (and the jobs) find the cluster through SLURM_CONF."""
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("the test cluster runs its daemons as root (SlurmUser=root); run the tests as root")
         # Imported here: helpers imports torch, and this file also runs as the sbatch-and-wait script, which stays light.

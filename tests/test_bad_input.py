@@ -131,7 +131,9 @@ def test_utf8_bom_is_accepted_and_a_non_utf8_line_can_be_skipped(tiny_model_dir,
     lines = [json.dumps(r).encode() for r in demo_rows(12)]
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + b'{"text": "caf\xe9"}\n' + b"\n".join(lines[1:]) + b"\n")
-    overrides = tiny_overrides(tiny_model_dir, {"train": path, "eval": tiny_data["eval"]}, tmp_path / "run", **{"training.max_steps": 1, "data.on_error": "skip"})
+    overrides = tiny_overrides(
+        tiny_model_dir, {"train": path, "eval": tiny_data["eval"]}, tmp_path / "run", **{"training.max_steps": 1, "data.on_error": "skip"}
+    )
     summary = recipe_main(load_config(None, overrides))
     assert summary["data"]["examples"] == 12 and summary["data"]["skipped"] == 1  # the BOM row counts, the latin-1 row is skipped
 
@@ -144,9 +146,17 @@ def _config(tmp_path: Path, text: str | bytes) -> Path:
 
 
 BAD_CONFIGS = {
-    "typo": ("training:\n  lerning_rate: 1e-4\n", [], "recipe.yaml:2: unknown key 'training.lerning_rate': did you mean 'training.learning_rate'?"),
+    "typo": (
+        "training:\n  lerning_rate: 1e-4\n",
+        [],
+        "recipe.yaml:2: unknown key 'training.lerning_rate': did you mean 'training.learning_rate'?",
+    ),
     "wrong-type": ("training:\n  epochs: two\n", [], "recipe.yaml:2: key 'training.epochs'"),
-    "betas-out-of-range": ("", ["training.adam_betas=[1.5, 0.9]"], "command-line override: key 'training.adam_betas.0': Input should be less than 1"),
+    "betas-out-of-range": (
+        "",
+        ["training.adam_betas=[1.5, 0.9]"],
+        "command-line override: key 'training.adam_betas.0': Input should be less than 1",
+    ),
     "override-not-yaml": ("", ["data.train=[{path:"], "override 'data.train=[{path:': the value is not valid YAML"),
     "override-without-value": ("", ["training.learning_rate"], "must look like key.sub=value"),
     "override-bad-index": ("", ["data.train.3.path=x"], "'3' is not an index of the 0-item list"),
@@ -202,8 +212,11 @@ def base_and_adapters(tmp_path_factory):
         get_peft_model(AutoModelForCausalLM.from_pretrained(root / "base"), config).save_pretrained(root / name)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "wider")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
+    ).save_pretrained(root / "wider")
     return root
 
 
@@ -242,7 +255,12 @@ def _merge_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
         _truncate(bad / "adapter_model.safetensors", 0.6)
         return ["--base", base, "--adapter", bad], "adapter_model.safetensors: truncated: tensor"
     if case == "ia3-on-other-shapes":
-        return ["--base", root / "wider", "--adapter", root / "ia3"], "'model.layers.0.mlp.down_proj.weight' has shape (any, 128), the base's is (96, 160)"
+        return [
+            "--base",
+            root / "wider",
+            "--adapter",
+            root / "ia3",
+        ], "'model.layers.0.mlp.down_proj.weight' has shape (any, 128), the base's is (96, 160)"
     if case == "lora-on-other-shapes":
         return ["--base", root / "wider", "--adapter", lora], "adapter and base do not match"
     if case == "prompt-adapter":
@@ -328,21 +346,54 @@ def _first(header: dict) -> dict:
 
 SAFETENSORS_DAMAGE = {
     "st-too-short": (lambda p: p.write_bytes(b"\x01\x02"), "too short to be a safetensors file"),
-    "st-gap": (lambda p: _rewrite_header(p, lambda h, b: (_first(h)["data_offsets"].__setitem__(0, 4), _first(h)["data_offsets"].__setitem__(1, _first(h)["data_offsets"][1] + 4), b"\0" * 4 + b)[-1]),
-               "starts at byte"),
+    "st-gap": (
+        lambda p: _rewrite_header(
+            p,
+            lambda h, b: (
+                _first(h)["data_offsets"].__setitem__(0, 4),
+                _first(h)["data_offsets"].__setitem__(1, _first(h)["data_offsets"][1] + 4),
+                b"\0" * 4 + b,
+            )[-1],
+        ),
+        "starts at byte",
+    ),
     "st-trailing-bytes": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 16), "16 bytes after the last tensor"),
-    "st-unknown-dtype": (lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(dtype="F4"), b)[-1]), "has dtype 'F4', which ftscale does not read"),
-    "st-overflowing-shape": (lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(shape=[2**62, 4]), b)[-1]), "needs 73786976294838206464 bytes"),
+    "st-unknown-dtype": (
+        lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(dtype="F4"), b)[-1]),
+        "has dtype 'F4', which ftscale does not read",
+    ),
+    "st-overflowing-shape": (
+        lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(shape=[2**62, 4]), b)[-1]),
+        "needs 73786976294838206464 bytes",
+    ),
     "st-boolean-shape": (lambda p: _rewrite_header(p, lambda h, b: (_first(h).update(shape=[True]), b)[-1]), "has shape [True]"),
 }
 
 
 MERGE_CASES = [
-    "missing-base", "missing-adapter", "adapter-config-not-json", "adapter-config-without-r", "adapter-config-a-list",
-    "truncated-adapter", "ia3-on-other-shapes", "lora-on-other-shapes", "prompt-adapter", "truncated-base",
-    "base-header-garbage", "base-offsets-overlap", "base-without-config", "index-lists-missing-shard", "shard-size-zero",
-    "shard-size-words", "invalid-regex", "token-index-out-of-range", "dora-magnitude-length", "peft-type-not-a-string",
-    "no-weights", "ftscale-meta-not-json", *SAFETENSORS_DAMAGE,
+    "missing-base",
+    "missing-adapter",
+    "adapter-config-not-json",
+    "adapter-config-without-r",
+    "adapter-config-a-list",
+    "truncated-adapter",
+    "ia3-on-other-shapes",
+    "lora-on-other-shapes",
+    "prompt-adapter",
+    "truncated-base",
+    "base-header-garbage",
+    "base-offsets-overlap",
+    "base-without-config",
+    "index-lists-missing-shard",
+    "shard-size-zero",
+    "shard-size-words",
+    "invalid-regex",
+    "token-index-out-of-range",
+    "dora-magnitude-length",
+    "peft-type-not-a-string",
+    "no-weights",
+    "ftscale-meta-not-json",
+    *SAFETENSORS_DAMAGE,
 ]
 
 
@@ -415,8 +466,16 @@ def _checkpoint_case(case: str, ckpt: Path, tmp: Path) -> tuple[Path, str]:
 
 
 CHECKPOINT_CASES = [
-    "not-a-step-folder", "no-manifest", "manifest-not-json", "manifest-without-files", "manifest-path-escapes",
-    "manifest-absolute-path", "manifest-lacks-trainer-state", "format-version", "truncated-shard", "flipped-byte",
+    "not-a-step-folder",
+    "no-manifest",
+    "manifest-not-json",
+    "manifest-without-files",
+    "manifest-path-escapes",
+    "manifest-absolute-path",
+    "manifest-lacks-trainer-state",
+    "format-version",
+    "truncated-shard",
+    "flipped-byte",
 ]
 
 
@@ -451,7 +510,15 @@ def test_only_files_the_manifest_lists_are_read(checkpoint, tmp_path):
 # ---- generated input: whatever arrives, the outcome is a result or one FtscaleError, never a traceback -------------
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["messages", "role", "content", "text", "prompt", "completion", "instruction", "input", "output"]) | st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["messages", "role", "content", "text", "prompt", "completion", "instruction", "input", "output"])
+            | st.text(max_size=8),
+            inner,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 lines = st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40), st.text(max_size=40).map(str.encode))
@@ -488,7 +555,20 @@ def _rows_in(raw_lines: list[bytes]) -> int:
     return rows
 
 
-keys = st.sampled_from(["training.learning_rate", "training.adam_betas", "data.train", "data.eval_fraction", "method.lora.r", "method.name", "model.path", "data.train.0.path", "checkpoint.keep_last", "logging.level"]) | st.text(max_size=20)
+keys = st.sampled_from(
+    [
+        "training.learning_rate",
+        "training.adam_betas",
+        "data.train",
+        "data.eval_fraction",
+        "method.lora.r",
+        "method.name",
+        "model.path",
+        "data.train.0.path",
+        "checkpoint.keep_last",
+        "logging.level",
+    ]
+) | st.text(max_size=20)
 
 
 @settings(max_examples=150, deadline=None)
@@ -503,7 +583,33 @@ def test_generated_overrides_load_or_fail_with_a_config_error(overrides):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(argv=st.lists(st.sampled_from(["config", "show", "get", "merge", "export-adapter", "--config", "--base", "--adapter", "--out", "--max-shard-size", "0", "-1", "x=1", "training.seed", "/nonexistent", ".", ""]) | st.text(max_size=12), max_size=6))
+@given(
+    argv=st.lists(
+        st.sampled_from(
+            [
+                "config",
+                "show",
+                "get",
+                "merge",
+                "export-adapter",
+                "--config",
+                "--base",
+                "--adapter",
+                "--out",
+                "--max-shard-size",
+                "0",
+                "-1",
+                "x=1",
+                "training.seed",
+                "/nonexistent",
+                ".",
+                "",
+            ]
+        )
+        | st.text(max_size=12),
+        max_size=6,
+    )
+)
 def test_generated_command_lines_end_in_a_result_or_a_one_line_error(argv, capsys):
     """`train` and `import-gguf` are left out: a generated command line could start real work."""
     if argv and argv[0] in ("train", "import-gguf", "compare"):
@@ -523,15 +629,21 @@ def test_generated_command_lines_end_in_a_result_or_a_one_line_error(argv, capsy
 def test_compare_and_import_gguf_refuse_bad_input(capsys, tiny_model_dir, tiny_data, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    not_chat = write_jsonl(tmp_path / "text.jsonl", [{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}])
+    not_chat = write_jsonl(
+        tmp_path / "text.jsonl", [{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}]
+    )
     base = ["compare", "--base", tiny_model_dir, "--tuned", tiny_model_dir]
     assert_refused(capsys, [*base, "--data", empty], "empty.jsonl: no conversation to compare on")
     assert_refused(capsys, [*base, "--data", not_chat], "text.jsonl:1: the last message must be the assistant's reference answer")
     assert_refused(capsys, [*base, "--data", tiny_data["eval"], "--limit", "0"], "--limit 0: give a positive number")
-    assert_refused(capsys, [*base, "--data", tiny_data["eval"], "--json-out", tmp_path / "no/such/report.json"], "must be a file in an existing folder")
+    assert_refused(
+        capsys, [*base, "--data", tiny_data["eval"], "--json-out", tmp_path / "no/such/report.json"], "must be a file in an existing folder"
+    )
     assert_refused(capsys, ["compare", "--base", tmp_path / "nope", "--tuned", tiny_model_dir, "--data", tiny_data["eval"]], "--base=")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
-    assert_refused(capsys, ["import-gguf", "--gguf", tmp_path / "bad.gguf", "--out", tmp_path / "model"], "bad.gguf: cannot be read as a GGUF model")
+    assert_refused(
+        capsys, ["import-gguf", "--gguf", tmp_path / "bad.gguf", "--out", tmp_path / "model"], "bad.gguf: cannot be read as a GGUF model"
+    )
     assert_refused(capsys, ["import-gguf", "--gguf", tmp_path / "none.gguf", "--out", tmp_path / "model"], "none.gguf: no such file")
     assert not (tmp_path / "model").exists()
 
@@ -542,9 +654,13 @@ def test_config_get_walks_config_keys_only(capsys):
 
 
 def test_infinite_values_and_a_held_out_everything_are_refused(capsys, tiny_model_dir, tmp_path):
-    assert_refused(capsys, ["config", "show", "training.learning_rate=.inf"], "key 'training.learning_rate': Input should be a finite number")
+    assert_refused(
+        capsys, ["config", "show", "training.learning_rate=.inf"], "key 'training.learning_rate': Input should be a finite number"
+    )
     one = write_jsonl(tmp_path / "one.jsonl", [GOOD])
-    overrides = tiny_overrides(tiny_model_dir, {"train": one, "eval": one}, tmp_path / "run", **{"data.eval": "[]", "data.eval_fraction": 0.5})
+    overrides = tiny_overrides(
+        tiny_model_dir, {"train": one, "eval": one}, tmp_path / "run", **{"data.eval": "[]", "data.eval_fraction": 0.5}
+    )
     assert_refused(capsys, ["train", *overrides], "data.eval_fraction=0.5 held out all 1 of them")
 
 
@@ -586,7 +702,9 @@ def test_damaged_files_of_every_json_kind_and_a_corrupt_adapter_bin(capsys, base
     (bad / "manifest.json").write_text("[" * 100_000)
     assert_refused(capsys, ["export-adapter", bad, tmp_path / "exported"], "incomplete checkpoint (no readable manifest.json")
     _manifest_edit(_copy(checkpoint, tmp_path / "c2" / checkpoint.name), lambda m: m.update(world_size=10**9))
-    assert_refused(capsys, ["export-adapter", tmp_path / "c2" / checkpoint.name, tmp_path / "exported"], "world_size must be a positive integer")
+    assert_refused(
+        capsys, ["export-adapter", tmp_path / "c2" / checkpoint.name, tmp_path / "exported"], "world_size must be a positive integer"
+    )
 
 
 @pytest.mark.parametrize(

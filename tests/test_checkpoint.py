@@ -28,7 +28,10 @@ from helpers import METHOD_SETTINGS, adapter, assert_same_adapter, history, laun
 
 # LoRA dropout > 0: a resume that did not restore the RNG would draw other dropout masks and diverge.
 SLOW_ENOUGH = {
-    "training.max_steps": 40, "training.micro_batch_size": 4, "checkpoint.every_steps": 3, "logging.console": True,
+    "training.max_steps": 40,
+    "training.micro_batch_size": 4,
+    "checkpoint.every_steps": 3,
+    "logging.console": True,
     "method.lora.dropout": 0.1,
 }
 
@@ -53,7 +56,9 @@ def reference(tmp_path_factory, tiny_model_dir, tiny_data):
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_checkpoints_exits_for_requeue_and_resumes_bit_identical(sig, reference, tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **SLOW_ENOUGH), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(tiny_model_dir, tiny_data, out, **SLOW_ENOUGH), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(out / "checkpoints/step-00000003", proc)
     proc.send_signal(sig)
     if sig == signal.SIGTERM:
@@ -78,7 +83,9 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes_bit_identical(sig, ref
 def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
     settings = {**SLOW_ENOUGH, "training.max_steps": 12, "logging.wandb.mode": "offline"}
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(out / "checkpoints/step-00000003", proc)
     proc.send_signal(signal.SIGUSR1)
     proc.communicate(timeout=300)
@@ -101,15 +108,24 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_model_dir, tiny_data, t
 
 # `ftscale train` in a process that imports everything first, then waits for a line on stdin before it starts: the
 # next trial's process warms up (about 8 s of imports) while the current one trains, and starts after the kill.
-WARM_TRAIN = "import sys\nimport ftscale.recipes.sft\nfrom ftscale.cli import main\nif sys.stdin.readline() == 'go\\n':\n    sys.exit(main(['train', *sys.argv[1:]]))"
+WARM_TRAIN = (
+    "import sys\nimport ftscale.recipes.sft\nfrom ftscale.cli import main\n"
+    "if sys.stdin.readline() == 'go\\n':\n    sys.exit(main(['train', *sys.argv[1:]]))"
+)
 
 
 class Child:
     """A training process whose stderr is read line by line as it runs, so a test can act on what it logs."""
 
     def __init__(self, overrides: list[str]):
-        self.proc = subprocess.Popen([sys.executable, "-c", WARM_TRAIN, *overrides], cwd=REPO, stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WARM_TRAIN, *overrides],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -190,7 +206,9 @@ def test_kill_9_at_random_moments_always_resumes_from_newest_complete(reference,
             log = child.kill()
             landed.append(phase_at_kill(log))
             if newest_before:
-                assert f"resuming from {root / f'step-{newest_before:08d}'}" in log, f"trial {trial}: did not resume from step {newest_before}"
+                assert f"resuming from {root / f'step-{newest_before:08d}'}" in log, (
+                    f"trial {trial}: did not resume from step {newest_before}"
+                )
     finally:  # a failed assertion must not leave a training process behind
         for c in started:
             c.proc.kill()
@@ -244,7 +262,14 @@ def test_checkpoint_holds_only_adapter_and_optimizer_state(reference):
 
 def test_wall_clock_saves_and_data_position(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
-    recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"training.max_steps": 8, "checkpoint.every_minutes": 1e-6, "checkpoint.keep_last": 100})))
+    recipe = SFTRecipe(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_model_dir, tiny_data, out, **{"training.max_steps": 8, "checkpoint.every_minutes": 1e-6, "checkpoint.keep_last": 100}
+            ),
+        )
+    )
     recipe.setup()
     recipe.train()
     recipe.cleanup()
@@ -276,7 +301,20 @@ def test_resume_from_a_path_and_retention_spares_the_resumed_checkpoint(referenc
     out, root = tmp_path / "run", tmp_path / "checkpoints"
     shutil.copytree(reference / "checkpoints", root)  # a copy: the module's reference run stays as it is
     start = root / "step-00000036"
-    proc = run(train_cmd(tiny_model_dir, tiny_data, out, **{**SLOW_ENOUGH, "checkpoint.resume": str(start), "checkpoint.dir": str(root), "checkpoint.keep_last": 1, "checkpoint.every_steps": 1}))
+    proc = run(
+        train_cmd(
+            tiny_model_dir,
+            tiny_data,
+            out,
+            **{
+                **SLOW_ENOUGH,
+                "checkpoint.resume": str(start),
+                "checkpoint.dir": str(root),
+                "checkpoint.keep_last": 1,
+                "checkpoint.every_steps": 1,
+            },
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
     assert names == ["step-00000036", "step-00000040"]  # keep_last=1, plus the one resumed from
@@ -295,7 +333,14 @@ def test_a_fresh_run_sets_another_runs_checkpoints_aside_instead_of_mixing(refer
     root = out / "checkpoints"
     shutil.copytree(reference / "checkpoints", root)  # an older run's steps 36, 39 and 40
     old_id = verify(root / "step-00000040", checksums=True).run_id
-    fresh = run(train_cmd(tiny_model_dir, tiny_data, out, **{**SLOW_ENOUGH, "checkpoint.resume": "none", "training.max_steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}))
+    fresh = run(
+        train_cmd(
+            tiny_model_dir,
+            tiny_data,
+            out,
+            **{**SLOW_ENOUGH, "checkpoint.resume": "none", "training.max_steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2},
+        )
+    )
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert step_names(root) == ["step-00000005", "step-00000006"]  # its own newest two, not deleted for steps 36-40
     assert verify(root / "step-00000006", checksums=True).run_id not in (None, old_id)
@@ -316,7 +361,9 @@ def test_a_run_that_found_only_broken_checkpoints_keeps_its_own_and_resumes_from
         data[-1] ^= 0xFF
         shard.write_bytes(bytes(data))
     settings = {**SLOW_ENOUGH, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(tiny_model_dir, tiny_data, out, **settings), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(root / "step-00000004", proc)
     proc.send_signal(signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=300)
@@ -364,14 +411,27 @@ def test_a_checkpoint_written_before_the_redesign_resumes_exactly(tmp_path):
     write_jsonl(tmp_path / "data/eval.jsonl", demo_rows(8, "eval"))
     shutil.copytree(LEGACY_FIXTURE / "step-00000003", tmp_path / "out/checkpoints/step-00000003")
     overrides = {
-        "model.path": "tiny-llama", "data.train": "[{path: data/train.jsonl}]", "data.eval": "[{path: data/eval.jsonl}]",
-        "data.max_seq_len": 256, "training.output_dir": "out", "training.max_steps": 6, "training.micro_batch_size": 2,
-        "training.learning_rate": 5e-3, "training.warmup_steps": 0, "training.scheduler": "constant", "logging.console": False,
-        "checkpoint.every_steps": 3, "method.lora.dropout": 0.1, "checkpoint.keep_last": 5,
+        "model.path": "tiny-llama",
+        "data.train": "[{path: data/train.jsonl}]",
+        "data.eval": "[{path: data/eval.jsonl}]",
+        "data.max_seq_len": 256,
+        "training.output_dir": "out",
+        "training.max_steps": 6,
+        "training.micro_batch_size": 2,
+        "training.learning_rate": 5e-3,
+        "training.warmup_steps": 0,
+        "training.scheduler": "constant",
+        "logging.console": False,
+        "checkpoint.every_steps": 3,
+        "method.lora.dropout": 0.1,
+        "checkpoint.keep_last": 5,
     }
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/sft.py"), *(f"{k}={v}" for k, v in overrides.items())],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from out/checkpoints/step-00000003 (step 3" in proc.stderr
@@ -407,7 +467,12 @@ def test_a_finished_run_started_again_rewrites_nothing(reference, tiny_model_dir
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "qlora"])
 def test_export_adapter_equals_the_adapter_saved_by_training(method, tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
-    recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **{"method.name": method, "training.max_steps": 2, **METHOD_SETTINGS[method]})))
+    recipe_main(
+        load_config(
+            None,
+            tiny_overrides(tiny_model_dir, tiny_data, out, **{"method.name": method, "training.max_steps": 2, **METHOD_SETTINGS[method]}),
+        )
+    )
     proc = run([sys.executable, "-m", "ftscale.cli", "export-adapter", str(out / "checkpoints/step-00000002"), str(tmp_path / "exported")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["method"] == method
@@ -420,7 +485,8 @@ BACKENDS = {"1": (None, 1), "ddp": ("ddp", 2), "fsdp2": ("fsdp2", 2), "zero2": (
 
 
 @pytest.mark.parametrize(
-    "first, second", [("1", "ddp"), ("ddp", "1"), ("zero2", "1"), ("1", "zero3"), ("zero3", "zero2"), ("fsdp2", "1"), ("ddp", "fsdp2")],
+    "first, second",
+    [("1", "ddp"), ("ddp", "1"), ("zero2", "1"), ("1", "zero3"), ("zero3", "zero2"), ("fsdp2", "1"), ("ddp", "fsdp2")],
     ids=lambda v: v,
 )
 def test_resume_with_another_number_of_processes_or_backend(first, second, tiny_model_dir, tiny_data, tmp_path):
@@ -431,7 +497,11 @@ def test_resume_with_another_number_of_processes_or_backend(first, second, tiny_
     def cmd(backend, out):
         config, procs = BACKENDS[backend]
         settings = {**base, "training.micro_batch_size": 4 // procs}
-        return launch_cmd(config, tiny_model_dir, tiny_data, out, **settings) if config else train_cmd(tiny_model_dir, tiny_data, out, **settings)
+        return (
+            launch_cmd(config, tiny_model_dir, tiny_data, out, **settings)
+            if config
+            else train_cmd(tiny_model_dir, tiny_data, out, **settings)
+        )
 
     whole = run(cmd(first, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]

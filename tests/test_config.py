@@ -112,8 +112,20 @@ def test_config_show_round_trips_and_describes(tmp_path):
     reloaded = write(tmp_path, text)
     assert load_config(reloaded) == cfg
     out = subprocess.run(
-        [sys.executable, "-m", "ftscale.cli", "config", "show", "--config", str(REPO / "configs/smollm2-135m/lora.yaml"), "method.lora.r=4"],
-        capture_output=True, text=True, check=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "ftscale.cli",
+            "config",
+            "show",
+            "--config",
+            str(REPO / "configs/smollm2-135m/lora.yaml"),
+            "method.lora.r=4",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
     ).stdout
     assert "  r: 4  # LoRA rank" in out
 

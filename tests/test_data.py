@@ -13,7 +13,13 @@ from ftscale.data.tokenize import TokenizedExample
 
 from conftest import build_tiny_model, build_tokenizer, demo_rows, write_jsonl
 
-CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +150,10 @@ BAD_ROWS = [
     ({"messages": []}, "d.jsonl:2: empty conversation"),
     ({"messages": [{"role": "bot", "content": "hi"}]}, "d.jsonl:2: message 0 has role 'bot'; expected one of system, user, assistant"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "d.jsonl:2: conversation has no assistant message"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "d.jsonl:2: message 0 content must be a string, got int"),
+    (
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+        "d.jsonl:2: message 0 content must be a string, got int",
+    ),
     ({"messages": [{"content": "hi"}]}, "d.jsonl:2: message 0 must be an object with 'role' and 'content'"),
     ({"messages": "hello"}, "d.jsonl:2: 'messages' must be a list"),
     ([1, 2], "d.jsonl:2: a row must be a JSON object, got list"),

@@ -12,18 +12,28 @@ import time
 import pytest
 import torch
 
-from ftscale.config import load_config
+from ftscale.config import PROMPT_METHODS, load_config
 from ftscale.methods import load_adapter
 from ftscale.model.loading import load_base_model
-from ftscale.config import PROMPT_METHODS
 from ftscale.recipes.sft import SFTRecipe
 
 from conftest import REPO, tiny_overrides
 from helpers import METHOD_SETTINGS, adapter, ddp_cmd, history, launch_cmd, run, train_cmd
 
-
-MATRIX = [("ddp", "lora"), ("ddp", "qlora"), ("ddp", "prompt_tuning"), ("ddp", "bottleneck"),
-          ("fsdp2", "lora"), ("fsdp2", "qlora"), ("fsdp2", "prompt_tuning"), ("fsdp2", "bottleneck"), ("zero2", "lora"), ("zero2", "qlora"), ("zero3", "lora"), ("zero3", "qlora")]
+MATRIX = [
+    ("ddp", "lora"),
+    ("ddp", "qlora"),
+    ("ddp", "prompt_tuning"),
+    ("ddp", "bottleneck"),
+    ("fsdp2", "lora"),
+    ("fsdp2", "qlora"),
+    ("fsdp2", "prompt_tuning"),
+    ("fsdp2", "bottleneck"),
+    ("zero2", "lora"),
+    ("zero2", "qlora"),
+    ("zero3", "lora"),
+    ("zero3", "qlora"),
+]
 BACKEND_NAMES = {"ddp": "MULTI_CPU", "fsdp2": "FSDP2", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 
 
@@ -146,7 +156,11 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(tiny_model_dir, 
     env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{REPO}"}
     proc = subprocess.run(
         ddp_cmd(tiny_model_dir, tiny_data, tmp_path / "run", **{"training.max_steps": 20, "distributed.collective_timeout_s": 600}),
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
     ended = time.time()
     assert proc.returncode != 0

@@ -61,7 +61,9 @@ def assert_within_rounding(ours: torch.Tensor, theirs: torch.Tensor, name: str):
 
 METHODS = {
     "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "rslora_rank_pattern": LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, rank_pattern={"o_proj": 2}, alpha_pattern={"o_proj": 3}),
+    "rslora_rank_pattern": LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, rank_pattern={"o_proj": 2}, alpha_pattern={"o_proj": 3}
+    ),
     "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"], use_dora=True),
     "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
 }
@@ -92,7 +94,9 @@ def test_fan_in_fan_out_layout_gpt2(tmp_path):
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=200, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     base_dir = save_base(base, tmp_path / "base")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    )
     randomise_adapter(model)
     model.save_pretrained(tmp_path / "adapter")
     stream_merge(base_dir, tmp_path / "adapter", tmp_path / "out", progress=False)
@@ -103,7 +107,9 @@ def test_fan_in_fan_out_layout_gpt2(tmp_path):
 
 def test_changed_tied_head_is_untied_and_matches_the_adapted_model(tmp_path):
     base_dir = save_base(build_tiny_model(300, tie=True), tmp_path / "base")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     randomise_adapter(model)
     model.save_pretrained(tmp_path / "adapter")
     stream_merge(base_dir, tmp_path / "adapter", tmp_path / "out", progress=False)
@@ -136,7 +142,10 @@ def test_lora_on_the_embedding_and_a_trainable_head(tmp_path, tied):
 
 def test_trainable_token_rows(tmp_path):
     base_dir = save_base(build_tiny_model(300, tie=False), tmp_path / "base")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 7]}))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 7]}),
+    )
     randomise_adapter(model)
     model.save_pretrained(tmp_path / "adapter")
     stream_merge(base_dir, tmp_path / "adapter", tmp_path / "out", progress=False)
@@ -167,7 +176,11 @@ def test_every_shard_within_the_limit_and_oversized_tensors_alone(lora_pair, tmp
         total += size
         assert size <= limit or len(infos) == 1, f"{fname}: {size} bytes in {len(infos)} tensors"
     assert total == index["metadata"]["total_size"]
-    oversized = [f for f in shards if len(read_header(tmp_path / "out" / f)[0]) == 1 and sum(i.nbytes for i in read_header(tmp_path / "out" / f)[0].values()) > limit]
+    oversized = [
+        f
+        for f in shards
+        if len(read_header(tmp_path / "out" / f)[0]) == 1 and sum(i.nbytes for i in read_header(tmp_path / "out" / f)[0].values()) > limit
+    ]
     assert oversized  # the 300 x 64 fp32 embedding (76.8 kB) is larger than the limit and has a shard of its own
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert merged.config.vocab_size == 300
@@ -244,9 +257,15 @@ def test_adapter_for_another_base_names_the_first_mismatch(lora_pair, tmp_path):
     _, adapter = lora_pair
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
+        )
+    )
     save_base(wider, tmp_path / "wider")
-    with pytest.raises(MergeError, match=r"adapter's 'model.layers.0.mlp.down_proj.weight' has shape \(64, 128\), the base's is \(96, 128\)"):
+    with pytest.raises(
+        MergeError, match=r"adapter's 'model.layers.0.mlp.down_proj.weight' has shape \(64, 128\), the base's is \(96, 128\)"
+    ):
         stream_merge(tmp_path / "wider", adapter, tmp_path / "out", progress=False)
     shallow = save_base(build_tiny_model(300, tie=False, layers=1), tmp_path / "shallow")
     with pytest.raises(MergeError, match="changes tensor 'model.layers.1.*which this base does not have"):
@@ -256,7 +275,10 @@ def test_adapter_for_another_base_names_the_first_mismatch(lora_pair, tmp_path):
 def test_cli_merge_reports_qlora_note_and_errors(lora_pair, tmp_path):
     base_dir, adapter = lora_pair
     (adapter / "ftscale_adapter.json").write_text(json.dumps({"method": "qlora", "quantized_base": True}))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ftscale.cli", "merge", *a], capture_output=True, text=True, cwd=REPO)
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "ftscale.cli", "merge", *a], capture_output=True, text=True, cwd=REPO)
+
     ok = run("--base", str(base_dir), "--adapter", str(adapter), "--out", str(tmp_path / "out"))
     assert ok.returncode == 0, ok.stderr
     assert "merged into the original (non-quantised) base weights" in json.loads(ok.stdout.splitlines()[0])["note"]

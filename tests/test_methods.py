@@ -85,7 +85,9 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, tiny_data,
     curves = []
     for micro, accum in ((2, 1), (1, 2)):
         recipe = run_recipe(
-            tiny_model_dir, tiny_data, tmp_path / f"{micro}x{accum}",
+            tiny_model_dir,
+            tiny_data,
+            tmp_path / f"{micro}x{accum}",
             **{"training.micro_batch_size": micro, "training.gradient_accumulation_steps": accum, "training.max_steps": 4},
         )
         recipe.train()
@@ -105,7 +107,9 @@ def test_same_seed_same_run(tiny_model_dir, tiny_data, tmp_path):
 def test_gradient_checkpointing_gives_the_same_loss(tiny_model_dir, tiny_data, tmp_path):
     curves = []
     for gc in (False, True):
-        recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path / str(gc), **{"training.max_steps": 3, "training.gradient_checkpointing": gc})
+        recipe = run_recipe(
+            tiny_model_dir, tiny_data, tmp_path / str(gc), **{"training.max_steps": 3, "training.gradient_checkpointing": gc}
+        )
         recipe.train()
         curves.append([h["train/loss"] for h in recipe.history])
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
@@ -142,9 +146,21 @@ def test_accelerate_launch_entry_point_with_wandb_offline(tiny_model_dir, tiny_d
     """The user-facing command, end to end: `accelerate launch launch/sft.py --config ... overrides`."""
     overrides = tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "run", **{"logging.wandb.mode": "offline", "training.max_steps": 3})
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-         str(REPO / "launch/sft.py"), "--config", str(REPO / "configs/smollm2-135m/lora.yaml"), *overrides],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs/accelerate/cpu.yaml"),
+            str(REPO / "launch/sft.py"),
+            "--config",
+            str(REPO / "configs/smollm2-135m/lora.yaml"),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
@@ -161,7 +177,9 @@ def test_bad_data_fails_before_training_with_the_line(tiny_model_dir, tmp_path):
     data = {"train": bad, "eval": bad}
     proc = subprocess.run(
         [sys.executable, "-m", "ftscale.cli", "train", *tiny_overrides(tiny_model_dir, data, tmp_path / "run")],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 2 and f"{bad}:2: not valid JSON" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # written first, for the post-mortem
@@ -171,9 +189,20 @@ def test_bad_data_fails_before_training_with_the_line(tiny_model_dir, tmp_path):
 def test_a_run_without_eval_data_completes_and_logs_no_eval(tiny_model_dir, tiny_data, tmp_path):
     """No held-out data (the default) means no eval metrics, not a crash at the last step."""
     out = tmp_path / "run"
-    settings = {"data.eval": "[]", "training.max_steps": 2, "training.eval_every": 1, "logging.console": True, "logging.wandb.mode": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "ftscale.cli", "train", *tiny_overrides(tiny_model_dir, tiny_data, out, **settings)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    settings = {
+        "data.eval": "[]",
+        "training.max_steps": 2,
+        "training.eval_every": 1,
+        "logging.console": True,
+        "logging.wandb.mode": "offline",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftscale.cli", "train", *tiny_overrides(tiny_model_dir, tiny_data, out, **settings)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_loss_before"] is None and summary["eval_loss_after"] is None
@@ -184,7 +213,12 @@ def test_a_run_without_eval_data_completes_and_logs_no_eval(tiny_model_dir, tiny
 
 def test_eval_fraction_holds_out_a_seeded_share_of_the_training_data(tiny_model_dir, tiny_data, tmp_path):
     def rows(seed):
-        recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path / str(seed), **{"data.eval": "[]", "data.eval_fraction": 0.25, "data.packing": False, "training.seed": seed})
+        recipe = run_recipe(
+            tiny_model_dir,
+            tiny_data,
+            tmp_path / str(seed),
+            **{"data.eval": "[]", "data.eval_fraction": 0.25, "data.packing": False, "training.seed": seed},
+        )
         train, held = [tuple(r.input_ids) for r in recipe.train_rows], [tuple(r.input_ids) for r in recipe.eval_rows]
         recipe.cleanup()
         return train, held

@@ -38,9 +38,16 @@ def test_few_steps_of_lora_then_merge(smollm2, tmp_path):
     held = write_jsonl(tmp_path / "eval.jsonl", demo_rows(4, "eval"))
     cfg = load_config(
         REPO / "configs/smollm2-135m/lora.yaml",
-        [f"model.path={smollm2}", f"data.train=[{{path: {train}}}]", f"data.eval=[{{path: {held}}}]",
-         f"training.output_dir={tmp_path / 'run'}", "training.max_steps=3", "training.gradient_accumulation_steps=1",
-         "data.max_seq_len=256", "logging.console=false"],
+        [
+            f"model.path={smollm2}",
+            f"data.train=[{{path: {train}}}]",
+            f"data.eval=[{{path: {held}}}]",
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.max_steps=3",
+            "training.gradient_accumulation_steps=1",
+            "data.max_seq_len=256",
+            "logging.console=false",
+        ],
     )
     summary = recipe_main(cfg)
     assert summary["steps"] == 3
@@ -62,8 +69,17 @@ def test_checkpoint_is_adapter_plus_optimizer_state_only(smollm2, tmp_path, caps
     train = write_jsonl(tmp_path / "train.jsonl", demo_rows(4))
     cfg = load_config(
         REPO / "configs/smollm2-135m/lora.yaml",
-        [f"model.path={smollm2}", f"data.train=[{{path: {train}}}]", "data.eval=[]", f"training.output_dir={tmp_path / 'run'}",
-         "training.max_steps=1", "training.gradient_accumulation_steps=1", "method.lora.r=6", "data.max_seq_len=128", "logging.console=false"],
+        [
+            f"model.path={smollm2}",
+            f"data.train=[{{path: {train}}}]",
+            "data.eval=[]",
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.max_steps=1",
+            "training.gradient_accumulation_steps=1",
+            "method.lora.r=6",
+            "data.max_seq_len=128",
+            "logging.console=false",
+        ],
     )
     recipe_main(cfg)
     ckpt = tmp_path / "run/checkpoints/step-00000001"
@@ -75,8 +91,10 @@ def test_checkpoint_is_adapter_plus_optimizer_state_only(smollm2, tmp_path, caps
     peft_adapter = adapter(tmp_path / "run")
     base_bytes = (smollm2 / "model.safetensors").stat().st_size
     with capsys.disabled():
-        print(f"\nSmolLM2-135M LoRA r=6 checkpoint: adapter {adapter_bytes} B, optimizer {optim_bytes} B, "
-              f"whole folder {total_bytes} B (base model {base_bytes} B)")
+        print(
+            f"\nSmolLM2-135M LoRA r=6 checkpoint: adapter {adapter_bytes} B, optimizer {optim_bytes} B, "
+            f"whole folder {total_bytes} B (base model {base_bytes} B)"
+        )
     assert len(params) == 30 * 7 * 2 and all(".lora_A." in k or ".lora_B." in k for k in params)
     assert adapter_bytes == sum(t.nbytes for t in peft_adapter.values())  # the same tensors peft saves
     assert optim_bytes == 2 * adapter_bytes + 4 * len(params)  # exp_avg + exp_avg_sq + a float32 step per tensor

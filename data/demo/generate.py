@@ -8,14 +8,104 @@ import json
 import random
 from pathlib import Path
 
-FIRST = ["Maria", "John", "Aisha", "Kenji", "Lena", "Omar", "Sofia", "Lucas", "Priya", "Noah", "Elena", "Tariq", "Chloe",
-         "Mateo", "Ingrid", "Samuel", "Yara", "Felix", "Hana", "Diego", "Nora", "Ivan", "Leila", "Oscar", "Mei", "Ruth"]
-LAST = ["Lopez", "Smith", "Khan", "Tanaka", "Fischer", "Haddad", "Rossi", "Martin", "Patel", "Brown", "Petrova", "Aziz",
-        "Dubois", "Garcia", "Larsen", "Okafor", "Silva", "Weber", "Kim", "Moreno", "Novak", "Sato", "Cohen", "Berg"]
-CITIES = ["Lisbon", "Toronto", "Nairobi", "Osaka", "Berlin", "Cairo", "Milan", "Lyon", "Mumbai", "Boston", "Prague",
-          "Dublin", "Seville", "Oslo", "Lagos", "Seoul", "Porto", "Denver", "Vienna", "Lima", "Quito", "Perth"]
-JOBS = ["nurse", "teacher", "pilot", "chef", "engineer", "lawyer", "farmer", "painter", "dentist", "plumber", "librarian",
-        "architect", "baker", "journalist", "pharmacist", "mechanic", "designer", "electrician"]
+FIRST = [
+    "Maria",
+    "John",
+    "Aisha",
+    "Kenji",
+    "Lena",
+    "Omar",
+    "Sofia",
+    "Lucas",
+    "Priya",
+    "Noah",
+    "Elena",
+    "Tariq",
+    "Chloe",
+    "Mateo",
+    "Ingrid",
+    "Samuel",
+    "Yara",
+    "Felix",
+    "Hana",
+    "Diego",
+    "Nora",
+    "Ivan",
+    "Leila",
+    "Oscar",
+    "Mei",
+    "Ruth",
+]
+LAST = [
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Tanaka",
+    "Fischer",
+    "Haddad",
+    "Rossi",
+    "Martin",
+    "Patel",
+    "Brown",
+    "Petrova",
+    "Aziz",
+    "Dubois",
+    "Garcia",
+    "Larsen",
+    "Okafor",
+    "Silva",
+    "Weber",
+    "Kim",
+    "Moreno",
+    "Novak",
+    "Sato",
+    "Cohen",
+    "Berg",
+]
+CITIES = [
+    "Lisbon",
+    "Toronto",
+    "Nairobi",
+    "Osaka",
+    "Berlin",
+    "Cairo",
+    "Milan",
+    "Lyon",
+    "Mumbai",
+    "Boston",
+    "Prague",
+    "Dublin",
+    "Seville",
+    "Oslo",
+    "Lagos",
+    "Seoul",
+    "Porto",
+    "Denver",
+    "Vienna",
+    "Lima",
+    "Quito",
+    "Perth",
+]
+JOBS = [
+    "nurse",
+    "teacher",
+    "pilot",
+    "chef",
+    "engineer",
+    "lawyer",
+    "farmer",
+    "painter",
+    "dentist",
+    "plumber",
+    "librarian",
+    "architect",
+    "baker",
+    "journalist",
+    "pharmacist",
+    "mechanic",
+    "designer",
+    "electrician",
+]
 TEMPLATES = [
     "{name} is {age} and works as {a_job} in {city}.",
     "Meet {name}, a {age}-year-old {job} living in {city}.",
@@ -49,8 +139,10 @@ def main():
     here = Path(__file__).parent
     split = {"first": 20, "last": 18, "city": 16}
     train = [example(rng, FIRST[: split["first"]], LAST[: split["last"]], CITIES[: split["city"]], TEMPLATES) for _ in range(400)]
-    held = [example(rng, FIRST[split["first"] :], LAST[split["last"] :], CITIES[split["city"] :], TEMPLATES + HELD_OUT_TEMPLATES)
-            for _ in range(24)]
+    held = [
+        example(rng, FIRST[split["first"] :], LAST[split["last"] :], CITIES[split["city"] :], TEMPLATES + HELD_OUT_TEMPLATES)
+        for _ in range(24)
+    ]
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
         (here / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 

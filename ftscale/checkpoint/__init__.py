@@ -17,6 +17,15 @@ from ftscale.checkpoint.store import CheckpointStore
 from ftscale.checkpoint.trainer_state import TrainerState
 
 __all__ = [
-    "PREEMPTED", "REQUEUE_EXIT_CODE", "Checkpoint", "CheckpointError", "CheckpointStore", "Preempted", "PreemptionWatcher", "TrainerState",
-    "complete_checkpoints", "export_adapter", "verify",
+    "PREEMPTED",
+    "REQUEUE_EXIT_CODE",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointStore",
+    "Preempted",
+    "PreemptionWatcher",
+    "TrainerState",
+    "complete_checkpoints",
+    "export_adapter",
+    "verify",
 ]

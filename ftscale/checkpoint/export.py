@@ -41,7 +41,9 @@ def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     expected = {n: tuple(p.shape) for n, p in trainable_parameters(model).items()}
     wrong = sorted(set(expected) ^ set(tensors)) or sorted(n for n in expected if tuple(tensors[n].shape) != expected[n])
     if wrong:
-        raise CheckpointError(f"{ckpt.path}: adapter tensors do not fit the {cfg.method.name} model described by its config (first: {wrong[0]})")
+        raise CheckpointError(
+            f"{ckpt.path}: adapter tensors do not fit the {cfg.method.name} model described by its config (first: {wrong[0]})"
+        )
     model.load_state_dict(tensors, strict=False, assign=True)
     tmp_out = partial_folder(out)
     try:
@@ -52,4 +54,11 @@ def export_adapter(ckpt_dir: str | Path, out_dir: str | Path, overwrite: bool = 
         replace_folder(tmp_out, out)
     finally:
         shutil.rmtree(tmp_out, ignore_errors=True)
-    return {"checkpoint": str(ckpt.path), "step": ckpt.step, "method": cfg.method.name, "out": str(out), "tensors": len(tensors), "written_by_ranks": ckpt.manifest["world_size"]}
+    return {
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "method": cfg.method.name,
+        "out": str(out),
+        "tensors": len(tensors),
+        "written_by_ranks": ckpt.manifest["world_size"],
+    }

@@ -46,6 +46,9 @@ PARAM_GROUPS = f"{OPTIMIZER}/param_groups.json"  # optimizer hyper-parameters pe
 ADAPTER_CONFIG = "adapter_config"  # folder: the adapter's config without weights (export-adapter copies it)
 BASE_CONFIG = "base_config.json"  # the base's config.json, when it had one: export-adapter rebuilds the skeleton
 REQUIRED_FILES = (TRAINER_STATE, CONFIG, SCHEDULER, PARAM_GROUPS)
+SUPERSEDED = "superseded"  # checkpoints of other runs found in the folder are moved here, never deleted or mixed
+# Beside the checkpoint folder, in the output folder: the W&B id, which checkpoints from before run ids resume with.
+WANDB_RUN_ID = "wandb-run-id"
 
 
 class CheckpointError(FtscaleError, RuntimeError):

@@ -41,7 +41,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, params: dict[str, nn.Par
 def optimizer_groups(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> list[dict]:
     """Hyper-parameters of each param group, with the group's parameters by name."""
     by_id = {id(p): n for n, p in params.items()}
-    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+    return [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]} for g in optimizer.param_groups
+    ]
 
 
 def check_complete(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
@@ -57,7 +59,9 @@ def restore_parameters(params: dict[str, nn.Parameter], tensors: dict[str, torch
             p.copy_(tensors[name])
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], groups: list[dict]
+) -> None:
     # Indices follow the live optimizer's own parameter order, which is what load_state_dict matches on.
     live_order = [p for g in optimizer.param_groups for p in g["params"]]
     name_of = {id(p): n for n, p in params.items()}
@@ -69,8 +73,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, nn.Par
     # load_state_dict pairs a group's saved ids with the live group's parameters by position, so the ids are listed
     # in live order whatever order the checkpoint names them in (DeepSpeed writes them sorted).
     saved_groups = [
-        {**{k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"}, "params": [index[name_of[id(p)]] for p in live["params"]]}
-        for live, saved in zip(optimizer.param_groups, groups)
+        {
+            **{k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"},
+            "params": [index[name_of[id(p)]] for p in live["params"]],
+        }
+        for live, saved in zip(optimizer.param_groups, groups, strict=False)
     ]
     optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
 

@@ -38,7 +38,9 @@ from ftscale.checkpoint.layout import (
     RNG,
     SCHEDULER,
     STEP_DIR,
+    SUPERSEDED,
     TRAINER_STATE,
+    WANDB_RUN_ID,
     Checkpoint,
     CheckpointError,
     complete_checkpoints,
@@ -61,10 +63,16 @@ log = logging.getLogger("ftscale")
 # Settings a resumed run must share with its checkpoint: the model and adapter shape, and everything that decides
 # which rows each step sees. Others (learning rate, logging, max_steps) may change between runs.
 IDENTITY_KEYS = (
-    "model.path", "method.", "data.train", "data.eval_fraction", "data.max_seq_len", "data.packing", "data.train_on",
-    "data.overlong", "training.seed",
+    "model.path",
+    "method.",
+    "data.train",
+    "data.eval_fraction",
+    "data.max_seq_len",
+    "data.packing",
+    "data.train_on",
+    "data.overlong",
+    "training.seed",
 )
-SUPERSEDED = "superseded"  # checkpoints of other runs found in the folder are moved here, never deleted or mixed
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -97,8 +105,14 @@ class CheckpointStore:
     and `load(ckpt)` on resume take only the trainer state. Collective methods say so."""
 
     def __init__(
-        self, cfg: FtscaleConfig, accelerator, access: StateAccess, scheduler, write_adapter_config: Callable[[Path], None],
-        sampler: StepSampler, preemption: PreemptionWatcher,
+        self,
+        cfg: FtscaleConfig,
+        accelerator,
+        access: StateAccess,
+        scheduler,
+        write_adapter_config: Callable[[Path], None],
+        sampler: StepSampler,
+        preemption: PreemptionWatcher,
     ):
         self.cfg, self.acc, self.access, self.scheduler = cfg, accelerator, access, scheduler
         self.write_adapter_config, self.sampler, self.preemption = write_adapter_config, sampler, preemption
@@ -119,7 +133,7 @@ class CheckpointStore:
         if resumed is not None and resumed.run_id is not None:
             run_id = resumed.run_id
         elif resumed is not None:  # a checkpoint from before run ids: its W&B id, if any, was kept beside it
-            id_file = Path(self.cfg.training.output_dir) / "wandb-run-id"
+            id_file = Path(self.cfg.training.output_dir) / WANDB_RUN_ID
             kept = id_file.read_text(errors="replace").strip() if id_file.is_file() else ""
             run_id = kept if re.fullmatch(r"[a-z0-9]{1,64}", kept) else secrets.token_hex(4)
         else:
@@ -129,7 +143,6 @@ class CheckpointStore:
             self._set_aside(resumed)
             (self.root / PREEMPTED).unlink(missing_ok=True)  # this run takes over from the preempted one
         self.acc.wait_for_everyone()
-        self._last_save = time.monotonic()
         return self.run_id
 
     def _owns(self, step_dir: Path) -> bool:
@@ -152,8 +165,7 @@ class CheckpointStore:
         broken ones, or newer ones when resuming from an older checkpoint on purpose), out of retention's way."""
         after = resumed.step if resumed is not None else -1
         foreign = [
-            p for p in sorted(self.root.iterdir())
-            if STEP_DIR.fullmatch(p.name) and (not self._owns(p) or int(p.name.removeprefix("step-")) > after)
+            p for p in sorted(self.root.iterdir()) if (m := STEP_DIR.fullmatch(p.name)) and (not self._owns(p) or int(m.group(1)) > after)
         ]
         if not foreign:
             return
@@ -167,10 +179,18 @@ class CheckpointStore:
             os.rename(self.root / LATEST, dest / LATEST)
         log.warning(
             "%d checkpoint(s) of another run, or past the one resumed from, in %s moved to %s (this is run %s; set "
-            "checkpoint.resume to a checkpoint folder to continue one of them instead)", len(foreign), self.root, dest, self.run_id,
+            "checkpoint.resume to a checkpoint folder to continue one of them instead)",
+            len(foreign),
+            self.root,
+            dest,
+            self.run_id,
         )
 
     # ---- save ---------------------------------------------------------------------------------------------------
+    def start_clock(self) -> None:
+        """checkpoint.every_minutes counts from here (the start of the training loop) and from each save."""
+        self._last_save = time.monotonic()
+
     def local_triggers(self) -> tuple[bool, bool]:
         """(a preemption signal arrived here, a wall-clock save is due here): signals and clocks differ between
         ranks, so the recipe agrees on them over all ranks before `maybe_save`."""
@@ -186,7 +206,9 @@ class CheckpointStore:
             path = self.save(state)
             signal_name = self.preemption.received or "a signal on another rank"
             if self.acc.is_main_process:
-                write_text_atomically(self.root / PREEMPTED, json.dumps({"step": state.step, "signal": signal_name, "checkpoint": str(path)}))
+                write_text_atomically(
+                    self.root / PREEMPTED, json.dumps({"step": state.step, "signal": signal_name, "checkpoint": str(path)})
+                )
             raise Preempted(state.step, signal_name, str(path))
         every = self.cfg.checkpoint.every_steps
         if not last_step and (timed or (every and state.step % every == 0)):
@@ -213,8 +235,13 @@ class CheckpointStore:
         if acc.is_main_process:
             epoch, offset = self.sampler.position(step)
             stamped = dataclasses.replace(
-                state, epoch=epoch, sample_offset=offset, rows_per_step=self.sampler.rows_per_step, world_size=world,
-                num_train_rows=len(self.sampler.rows), run_id=self.run_id,
+                state,
+                epoch=epoch,
+                sample_offset=offset,
+                rows_per_step=self.sampler.rows_per_step,
+                world_size=world,
+                num_train_rows=len(self.sampler.rows),
+                run_id=self.run_id,
             )
             self._finalise(tmp, final, stamped, groups)
         acc.wait_for_everyone()
@@ -284,7 +311,11 @@ class CheckpointStore:
         log.info("resuming from %s", ckpt.path)
         diffs = config_differences(load_config(ckpt.path / CONFIG), self.cfg)
         if diffs:
-            raise CheckpointError(f"{ckpt.path} was written by a different run:\n  " + "\n  ".join(diffs) + "\n  (use another training.output_dir or checkpoint.resume=none to start fresh)")
+            raise CheckpointError(
+                f"{ckpt.path} was written by a different run:\n  "
+                + "\n  ".join(diffs)
+                + "\n  (use another training.output_dir or checkpoint.resume=none to start fresh)"
+            )
         state = TrainerState.from_json(ckpt.read_json(TRAINER_STATE), str(ckpt.path))
         problem = self.sampler.resume_problem(state.rows_per_step, state.num_train_rows)
         if problem:
@@ -295,7 +326,9 @@ class CheckpointStore:
         if rng_file in ckpt.listed(RNG):
             restore_rng(*load_safetensors(rng_file))
         else:  # more processes than when it was saved: this rank has no saved RNG; data order does not depend on it
-            log.warning("no RNG state for rank %d in %s (saved with %d processes)", self.acc.process_index, ckpt.path, ckpt.manifest["world_size"])
+            log.warning(
+                "no RNG state for rank %d in %s (saved with %d processes)", self.acc.process_index, ckpt.path, ckpt.manifest["world_size"]
+            )
         self.protected = ckpt.path
         log.info("resumed from %s (step %d, written by %d processes)", ckpt.path, ckpt.step, ckpt.manifest["world_size"])
         return state

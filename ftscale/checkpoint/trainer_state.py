@@ -19,7 +19,7 @@ class TrainerState:
     num_train_rows: int = 0  # the training data's identity as far as the data order needs it
     history: list[dict[str, float]] = field(default_factory=list)  # one record of train metrics per step
     eval_loss_before: float | None = None  # held-out loss before training (None without held-out data)
-    tokens_seen: int = 0  # input tokens of every step so far, all ranks
+    tokens_seen: float = 0.0  # input tokens of every step so far, all ranks (a float, as checkpoints have it)
     run_id: str | None = None  # the run that wrote it (CheckpointStore.start); None in checkpoints from before ids
 
     # Keys a checkpoint must have to resume; the others were added later or are informational.

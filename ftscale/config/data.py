@@ -24,7 +24,13 @@ class DataConfig(Section):
         0.0, ge=0, lt=1, description="Also hold out this fraction of the training examples for eval (a seeded split; 0: none)."
     )
     max_seq_len: int = Field(512, gt=8, description="Longest tokenised example (and packed row) in tokens.")
-    overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than max_seq_len; both are counted.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with an example longer than max_seq_len; both are counted."
+    )
     packing: bool = Field(True, description="Pack several examples per row without cross-example attention (padding-free).")
-    train_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens carry loss: assistant replies only, or every token.")
-    on_error: Literal["raise", "skip"] = Field("raise", description="A malformed row stops loading (raise) or is skipped and counted (skip).")
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Which tokens carry loss: assistant replies only, or every token."
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A malformed row stops loading (raise) or is skipped and counted (skip)."
+    )

@@ -49,7 +49,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(
             f"override {item!r}: the value is not valid YAML ({problem}); quote the whole override for the shell and "
-            "write lists and mappings in full, e.g. \"data.train=[{path: my.jsonl}]\""
+            'write lists and mappings in full, e.g. "data.train=[{path: my.jsonl}]"'
         ) from None
 
 
@@ -62,7 +62,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
         keys, value = _parse_override(item)
         node: Any = raw
         default: Any = FtscaleConfig().model_dump(mode="json")
-        for k, nxt in zip(keys, keys[1:] + [None]):
+        for k, nxt in zip(keys, [*keys[1:], None], strict=True):
             if isinstance(node, list):  # `data.train.0.path=x` indexes into a list of sources
                 if not k.isdigit() or int(k) >= len(node):
                     raise ConfigError(f"override {item!r}: '{k}' is not an index of the {len(node)}-item list before it")

@@ -11,7 +11,8 @@ MethodName = Literal["lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tu
 
 # Methods whose trainable state is a set of virtual tokens fed with every example (peft's prompt learning): no
 # packing, no gradient checkpointing, nothing to merge, and read on every FSDP2 rank.
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+PROMPT_METHOD_NAMES = {"prompt_tuning": "prompt tuning", "prefix_tuning": "prefix tuning", "p_tuning": "P-tuning"}
+PROMPT_METHODS = tuple(PROMPT_METHOD_NAMES)
 
 
 class LoraSection(Section):
@@ -34,9 +35,7 @@ class QuantizationSection(Section):
 
 
 class IA3Section(Section):
-    target_modules: list[str] = Field(
-        ["k_proj", "v_proj", "down_proj"], description="Modules whose activations IA3 rescales."
-    )
+    target_modules: list[str] = Field(["k_proj", "v_proj", "down_proj"], description="Modules whose activations IA3 rescales.")
     feedforward_modules: list[str] = Field(
         ["down_proj"], description="Subset of target_modules that are feed-forward (scaled on their input)."
     )

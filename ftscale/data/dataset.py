@@ -11,7 +11,7 @@ from ftscale.config.data import DataConfig, DataSource
 from ftscale.data.formats import to_example
 from ftscale.data.packing import Row, pack_examples, single_rows
 from ftscale.data.sources import DataError, read_rows
-from ftscale.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
+from ftscale.data.tokenize import TokenizedExample, tokenize_example
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ def tokenize_sources(sources: list[DataSource], cfg: DataConfig, tokenizer) -> t
                     continue
                 stats.truncated += 1
                 ex = TokenizedExample(ex.input_ids[: cfg.max_seq_len], ex.labels[: cfg.max_seq_len])
-            if all(label == IGNORE_INDEX for label in ex.labels[1:]):
+            if ex.loss_tokens == 0:
                 stats.no_loss += 1  # e.g. truncation cut off the whole reply
                 continue
             stats.examples += 1
             stats.tokens += len(ex.input_ids)
-            stats.loss_tokens += sum(label != IGNORE_INDEX for label in ex.labels[1:])
+            stats.loss_tokens += ex.loss_tokens
             out.append(ex)
     if stats.skipped:
         log.warning("skipped %d malformed rows; first: %s", stats.skipped, stats.skipped_where[0])

@@ -7,7 +7,7 @@ from functools import cached_property
 
 import torch
 
-from ftscale.data.tokenize import IGNORE_INDEX, TokenizedExample
+from ftscale.data.tokenize import IGNORE_INDEX, TokenizedExample, count_loss_tokens
 
 
 @dataclass(frozen=True)
@@ -18,10 +18,9 @@ class Row:
     labels: list[int]
     position_ids: list[int]  # restart at 0 at each packed example: the attention kernel isolates examples by them
 
-    @cached_property  # a frozen dataclass still has an instance __dict__ for it
+    @cached_property  # a frozen dataclass still has an instance __dict__ for it; counted once per row
     def loss_tokens(self) -> int:
-        """Tokens the loss is taken on: the model shifts labels by one, so the first label never counts."""
-        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+        return count_loss_tokens(self.labels)
 
 
 def pack_examples(examples: list[TokenizedExample], max_len: int) -> list[Row]:

@@ -13,7 +13,14 @@ from ftscale.data.packing import Row
 
 class StepSampler:
     def __init__(self, rows: list[Row], micro_batch_size: int, accumulation_steps: int, rank: int, world: int, seed: int):
-        self.rows, self.micro, self.accumulation, self.rank, self.world, self.seed = rows, micro_batch_size, accumulation_steps, rank, world, seed
+        self.rows, self.micro, self.accumulation, self.rank, self.world, self.seed = (
+            rows,
+            micro_batch_size,
+            accumulation_steps,
+            rank,
+            world,
+            seed,
+        )
         self.rows_per_step = micro_batch_size * world * accumulation_steps
         self.steps_per_epoch = len(rows) // self.rows_per_step
         self._order: list[int] = []  # this epoch's permutation, drawn once per epoch

@@ -34,7 +34,9 @@ def _jsonl(path: Path) -> Iterator[SourceRow]:
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may start the file
             except UnicodeDecodeError as e:
-                yield SourceRow(where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"))
+                yield SourceRow(
+                    where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8")
+                )
                 continue
             if not line.strip():
                 continue
@@ -58,7 +60,7 @@ def _json(path: Path) -> Iterator[SourceRow]:
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
     if not isinstance(doc, list):
-        raise DataError(f"{path}: a .json source must hold a list of row objects (or {{\"data\": [...]}})")
+        raise DataError(f'{path}: a .json source must hold a list of row objects (or {{"data": [...]}})')
     for i, row in enumerate(doc):
         yield SourceRow(f"{path}[item {i}]", row)
 

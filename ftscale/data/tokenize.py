@@ -35,10 +35,19 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def count_loss_tokens(labels: list[int]) -> int:
+    """Tokens the loss is taken on: the model shifts labels by one, so the first label never counts."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+    @property
+    def loss_tokens(self) -> int:
+        return count_loss_tokens(self.labels)
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> str:
@@ -63,7 +72,7 @@ def _chat(example: ChatExample, tokenizer, train_on: str, where: str) -> Tokeniz
     if train_on == "all":
         return TokenizedExample(ids, list(ids))
     labels = [
-        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX for tok, (start, _) in zip(ids, enc["offset_mapping"])
+        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX for tok, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
     ]
     return TokenizedExample(ids, labels)
 

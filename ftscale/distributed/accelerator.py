@@ -34,7 +34,7 @@ def build_accelerator(cfg: FtscaleConfig, launch: LaunchSettings) -> Accelerator
             gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
             kwargs_handlers=[group],
         )
-    check_process_group(accelerator, launch)
+    check_process_group(accelerator)
     return accelerator
 
 

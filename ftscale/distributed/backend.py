@@ -38,7 +38,10 @@ class Backend:
     def _load(self, vocab_size: int | None, placed_by_backend: bool = False) -> nn.Module:
         acc = self.acc
         model = load_base_model(
-            self.cfg, acc.device, vocab_size=vocab_size, empty=self.reads_on_rank0_only and not acc.is_main_process,
+            self.cfg,
+            acc.device,
+            vocab_size=vocab_size,
+            empty=self.reads_on_rank0_only and not acc.is_main_process,
             placed_by_backend=placed_by_backend,
         )
         if self.reads_on_rank0_only and self.cfg.method.name == "qlora":

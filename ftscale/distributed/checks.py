@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ftscale.config import ConfigError, FtscaleConfig
-from ftscale.distributed.launch import LaunchSettings
+from ftscale.distributed.launch import LaunchSettings, launched_processes
 
 
 def check_launch(cfg: FtscaleConfig, launch: LaunchSettings) -> None:
@@ -25,11 +25,12 @@ def check_launch(cfg: FtscaleConfig, launch: LaunchSettings) -> None:
         )
 
 
-def check_process_group(accelerator, launch: LaunchSettings) -> None:
+def check_process_group(accelerator) -> None:
     """Several launched processes must form one group; otherwise each would train alone and overwrite the others."""
-    if launch.world_size != accelerator.num_processes:
+    launched = launched_processes()
+    if launched != accelerator.num_processes:
         raise ConfigError(
-            f"{launch.world_size} processes were launched but accelerate formed a group of {accelerator.num_processes} "
+            f"{launched} processes were launched but accelerate formed a group of {accelerator.num_processes} "
             f"({accelerator.distributed_type.value}): check the accelerate config's distributed_type and use_cpu "
             "(configs/accelerate/ddp.yaml shows a working multi-process set-up)"
         )

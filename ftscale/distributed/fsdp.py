@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ftscale.checkpoint.state import OPTIMIZER_KEYS, SEP, check_complete, restore_optimizer, restore_parameters
-from ftscale.config import ConfigError, PROMPT_METHODS
+from ftscale.config import PROMPT_METHODS, ConfigError
 from ftscale.distributed.backend import Backend
 from ftscale.distributed.ddp import PlainAccess
 from ftscale.distributed.launch import FSDPSettings

@@ -24,9 +24,18 @@ class FSDPSettings:
 @dataclass(frozen=True)
 class LaunchSettings:
     backend: BackendName
-    world_size: int  # processes launched (WORLD_SIZE); accelerate must form a group of this many
     fsdp: FSDPSettings | None  # set when backend == "fsdp2"
     deepspeed_offload: frozenset[str]  # devices DeepSpeed offloads state to ("cpu", "nvme"); empty: none
+
+
+def is_first_process(env=os.environ) -> bool:
+    """Whether this is the launch's rank 0 (or not launched at all): the one that prints results."""
+    return env.get("RANK", "0") == "0"
+
+
+def launched_processes(env=os.environ) -> int:
+    """Processes launched (WORLD_SIZE). Read once the Accelerator exists: accelerate fills it in from MPI's variables."""
+    return int(env.get("WORLD_SIZE", "1"))
 
 
 def _flag(env, name: str, default: str) -> bool:
@@ -48,7 +57,6 @@ def read_launch_settings(env=os.environ) -> LaunchSettings:
     offload = {env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "").lower() for what in ("OPTIMIZER", "PARAM")}
     return LaunchSettings(
         backend="fsdp2" if fsdp else "deepspeed" if deepspeed else "ddp",
-        world_size=int(env.get("WORLD_SIZE", "1")),
         fsdp=fsdp,
         deepspeed_offload=frozenset(offload & {"cpu", "nvme"}) if deepspeed else frozenset(),
     )

@@ -29,10 +29,9 @@ def match_rank0_quantized_layout(model: nn.Module, device: torch.device) -> None
     modules = _linear4bit_modules(model)
     payload = [None]
     if dist.get_rank() == 0:
-        payload = [{
-            name: (tuple(m.weight.shape), m.weight.dtype, m.weight.quant_state.as_dict(packed=True))
-            for name, m in modules.items()
-        }]
+        payload = [
+            {name: (tuple(m.weight.shape), m.weight.dtype, m.weight.quant_state.as_dict(packed=True)) for name, m in modules.items()}
+        ]
     dist.broadcast_object_list(payload, src=0)
     if dist.get_rank() == 0:
         return
@@ -48,8 +47,15 @@ def _params4bit(data: torch.Tensor, like, quant_state) -> nn.Parameter:
     import bitsandbytes as bnb
 
     return bnb.nn.Params4bit(
-        data, requires_grad=False, quant_state=quant_state, blocksize=like.blocksize, compress_statistics=like.compress_statistics,
-        quant_type=like.quant_type, quant_storage=data.dtype, module=like.module, bnb_quantized=True,
+        data,
+        requires_grad=False,
+        quant_state=quant_state,
+        blocksize=like.blocksize,
+        compress_statistics=like.compress_statistics,
+        quant_type=like.quant_type,
+        quant_storage=data.dtype,
+        module=like.module,
+        bnb_quantized=True,
     )
 
 

@@ -161,8 +161,11 @@ class DeepSpeedAccess:
         for flat in flats:  # ZeRO-3 / ZeRO-1,2 flat fp32 partitions of this rank
             state = self.zero.optimizer.state[flat]
             if not state:
-                state.update(step=torch.zeros((), dtype=torch.float32, device=flat.device),
-                             exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+                state.update(
+                    step=torch.zeros((), dtype=torch.float32, device=flat.device),
+                    exp_avg=torch.zeros_like(flat),
+                    exp_avg_sq=torch.zeros_like(flat),
+                )
         if hasattr(self.zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: what DeepSpeed runs after step 1
             self.zero._lazy_init_hp_params_optimizer_state()
 
@@ -184,5 +187,5 @@ class DeepSpeedAccess:
         step = next(v for k, v in optim_tensors.items() if k.endswith(f"{SEP}step"))
         for state in self._inner_states():
             state["step"] = step.to(state["step"].dtype).reshape(state["step"].shape).to(state["step"].device)
-        for live, saved in zip(self.zero.optimizer.param_groups, groups):
+        for live, saved in zip(self.zero.optimizer.param_groups, groups, strict=False):
             live.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})

@@ -86,7 +86,7 @@ def compare_models(base: str, tuned: str, data: str, max_new_tokens: int = 48, l
     for label, path in (("base", None), ("tuned", tuned)):
         model = load_model(path, base) if path else AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens)
-        matches = [exact_match(a, r) for a, r in zip(answers, references)]
+        matches = [exact_match(a, r) for a, r in zip(answers, references, strict=True)]
         report["models"][label] = {
             "heldout_loss": heldout_loss(model, tokenizer, data),
             "exact_match": sum(matches) / len(matches),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ftscale.config import PROMPT_METHODS
+from ftscale.config.method import PROMPT_METHOD_NAMES
 from ftscale.errors import FtscaleError, first_line
 from ftscale.json_files import read_json
 from ftscale.methods.bottleneck import is_bottleneck_adapter
@@ -21,7 +21,7 @@ from ftscale.safetensors_stream import read_header, read_tensor
 Edit = Callable[[torch.Tensor], torch.Tensor]
 PREFIX = "base_model.model."
 # peft_type of the prompt-learning methods -> their name: virtual tokens, no weight change to merge.
-NOT_MERGEABLE = {method.upper(): method.replace("_", " ") for method in PROMPT_METHODS}
+NOT_MERGEABLE = {method.upper(): name for method, name in PROMPT_METHOD_NAMES.items()}
 
 
 class MergeError(FtscaleError, ValueError):
@@ -105,6 +105,7 @@ def _lora_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: AdapterEdits) 
         if magnitude is None:
             out.edits[name].append(lambda w, d=delta: w + d())
         else:  # DoRA: rescale each output row of W + dW to the learned magnitude
+
             def dora(w, d=delta, m=magnitude):
                 merged = w + d()
                 rows = merged.T if fan_in_fan_out else merged
@@ -150,7 +151,9 @@ def _full_tensor_edits(cfg: dict, tensors: dict[str, torch.Tensor], out: Adapter
             if value.dim() != 2:
                 raise MergeError(f"adapter_model: {key} has shape {tuple(value.shape)}, not (rows, embedding size)")
             if not (isinstance(idx, list) and all(type(i) is int and 0 <= i < 2**62 for i in idx) and len(idx) == value.shape[0]):
-                raise MergeError(f"adapter_config.json: trainable_token_indices for {module} must be {value.shape[0]} row numbers, got {idx!r}")
+                raise MergeError(
+                    f"adapter_config.json: trainable_token_indices for {module} must be {value.shape[0]} row numbers, got {idx!r}"
+                )
             index = torch.tensor(idx)
             out.min_rows[f"{module}.weight"] = max(idx, default=-1) + 1
             out.expected_shapes[f"{module}.weight"] = (None, value.shape[1])
@@ -189,7 +192,7 @@ def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
     cfg = _read_adapter_config(cfg_path)
     peft_type = cfg.get("peft_type", "")
     if not isinstance(peft_type, str):
-        raise MergeError(f"{cfg_path}: peft_type must be a string such as \"LORA\", got {peft_type!r}")
+        raise MergeError(f'{cfg_path}: peft_type must be a string such as "LORA", got {peft_type!r}')
     if peft_type in NOT_MERGEABLE:
         raise MergeError(
             f"{adapter_dir} is a {NOT_MERGEABLE[peft_type]} adapter: it learns virtual tokens fed with every input, not "

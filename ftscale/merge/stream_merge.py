@@ -20,11 +20,11 @@ from ftscale.atomic_files import partial_folder, replace_folder
 from ftscale.json_files import read_json
 from ftscale.merge.adapter_edits import AdapterEdits, MergeError, read_adapter_edits
 from ftscale.safetensors_stream import (
-    tensor_bytes,
     StreamingSafetensorsWriter,
     TensorInfo,
     read_header,
     read_tensor,
+    tensor_bytes,
 )
 
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -96,11 +96,13 @@ def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config
                 f"model (first base tensors: {', '.join(list(tensors)[:3])})"
             )
         want, have = edits.expected_shapes.get(name), tuple(tensors[sources[name]].shape)
-        if want is not None and (len(want) != len(have) or any(w is not None and w != h for w, h in zip(want, have))):
+        if want is not None and (len(want) != len(have) or any(w is not None and w != h for w, h in zip(want, have, strict=True))):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
             raise MergeError(f"adapter's '{name}' has shape {shown}, the base's is {have}: adapter and base do not match")
         if edits.min_rows.get(name, 0) > have[0]:
-            raise MergeError(f"adapter changes row {edits.min_rows[name] - 1} of '{name}', which has {have[0]} rows: adapter and base do not match")
+            raise MergeError(
+                f"adapter changes row {edits.min_rows[name] - 1} of '{name}', which has {have[0]} rows: adapter and base do not match"
+            )
     embedding = _tied_embedding(tensors)
     if config.get("tie_word_embeddings") and embedding in edits.edits and "lm_head.weight" not in sources:
         # The adapted model changed only the input lookup; its tied head still used the original weights. Merging
@@ -194,8 +196,7 @@ def stream_merge(
     }
     if edits.quantized_base:
         report["note"] = (
-            "QLoRA adapter: merged into the original (non-quantised) base weights, not the NF4-dequantised ones "
-            "it was trained against"
+            "QLoRA adapter: merged into the original (non-quantised) base weights, not the NF4-dequantised ones it was trained against"
         )
     return report
 

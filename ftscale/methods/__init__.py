@@ -52,10 +52,12 @@ def check_saved_adapter(out_dir: str | Path, trainable_shapes: dict[str, tuple[i
 
     path = Path(out_dir) / "adapter_model.safetensors"
     with safe_open(str(path), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     empty = [k for k, shape in {**shapes, **trainable_shapes}.items() if 0 in shape]
     if not shapes or empty:
-        raise RuntimeError(f"{path}: the adapter is empty or has empty tensors ({empty[:3] or 'no tensors'}): it was not gathered before saving")
+        raise RuntimeError(
+            f"{path}: the adapter is empty or has empty tensors ({empty[:3] or 'no tensors'}): it was not gathered before saving"
+        )
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
@@ -64,4 +66,3 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = Fal
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
-

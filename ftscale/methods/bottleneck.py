@@ -95,9 +95,11 @@ class BottleneckModel(nn.Module):
     def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """`state_dict`: this model's parameters by name (`adapters.*`), when the live ones are shards."""
         self.save_config(out_dir)
-        tensors = self.adapter_state_dict() if state_dict is None else {
-            k.removeprefix("adapters."): v.contiguous() for k, v in state_dict.items() if k.startswith("adapters.")
-        }
+        tensors = (
+            self.adapter_state_dict()
+            if state_dict is None
+            else {k.removeprefix("adapters."): v.contiguous() for k, v in state_dict.items() if k.startswith("adapters.")}
+        )
         save_file(tensors, str(Path(out_dir) / WEIGHTS_NAME), metadata={"format": "pt", "method": "bottleneck"})
 
     def save_config(self, out_dir: str | Path) -> None:

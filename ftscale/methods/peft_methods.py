@@ -51,5 +51,7 @@ def peft_config(method: MethodConfig, model_path: str) -> PeftConfig:
             encoder_hidden_size=prompt.encoder_hidden_size,
         )
     if name == "p_tuning":
-        return PromptEncoderConfig(task_type=task, num_virtual_tokens=prompt.num_virtual_tokens, encoder_hidden_size=prompt.encoder_hidden_size)
+        return PromptEncoderConfig(
+            task_type=task, num_virtual_tokens=prompt.num_virtual_tokens, encoder_hidden_size=prompt.encoder_hidden_size
+        )
     raise ValueError(f"method {name!r} is not a peft method")

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from ftscale.config import ConfigError, FtscaleConfig
 from ftscale.config.model import DEFAULT_MODEL_PATH, ModelConfig
 from ftscale.data import ensure_chat_template, ensure_pad_token
+from ftscale.errors import first_line
 from ftscale.model.bnb_cpu import disable_cpu_weight_repacking
 from ftscale.safetensors_stream import read_header
-from ftscale.errors import first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 

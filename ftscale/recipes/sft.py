@@ -93,7 +93,10 @@ class SFTRecipe:
         self.total_steps = t.max_steps or self.sampler.steps_per_epoch * t.epochs
         log.info(
             "data: %s -> %d training rows (packing=%s), %d held-out rows",
-            describe(self.train_stats), len(self.train_rows), cfg.data.packing, len(self.eval_rows),
+            describe(self.train_stats),
+            len(self.train_rows),
+            cfg.data.packing,
+            len(self.eval_rows),
         )
 
     def _setup_model(self) -> None:
@@ -120,8 +123,13 @@ class SFTRecipe:
         schedule, RNG and data position."""
         model = self.accelerator.unwrap_model(self.model)
         self.store = CheckpointStore(
-            self.cfg, self.accelerator, self.backend.state_access(model, self.optimizer), self.scheduler,
-            lambda folder: save_adapter_config(model, folder, self.cfg), self.sampler, self.preemption,
+            self.cfg,
+            self.accelerator,
+            self.backend.state_access(model, self.optimizer),
+            self.scheduler,
+            lambda folder: save_adapter_config(model, folder, self.cfg),
+            self.sampler,
+            self.preemption,
         )
         self.start_step = 0
         ckpt = self.store.find_resume()
@@ -159,8 +167,9 @@ class SFTRecipe:
             loss_sum += loss * count
             tokens += batch["input_ids"].numel()
         scalars = {"loss_sum": loss_sum, "tokens": tokens}
-        if t.max_grad_norm is not None:
-            scalars["grad_norm"] = self.backend.scalar(acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm))
+        norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm) if t.max_grad_norm is not None else None
+        if norm is not None:  # DeepSpeed may not report one
+            scalars["grad_norm"] = self.backend.scalar(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,23 +187,28 @@ class SFTRecipe:
             self.state.eval_loss_before = self.evaluate()
         self.model.train()
         resumed_tokens, session_tokens, t0 = self.state.tokens_seen, 0.0, time.monotonic()
+        self.store.start_clock()  # checkpoint.every_minutes counts training time, not set-up or the first evaluation
         for step in range(self.start_step, self.total_steps):
             s = self.train_step(step)
-            # The step's scalars and the checkpoint triggers of every rank, in one all-reduce.
+            last = step + 1 == self.total_steps
+            eval_loss = None
+            if t.eval_every and (step + 1) % t.eval_every == 0 and not last and self.eval_rows:
+                eval_loss = self.evaluate()
+                self.model.train()
+            # The step's scalars and every rank's checkpoint triggers (read after the evaluation, so a signal that
+            # arrived during it is acted on now), in one all-reduce.
             loss_sum, tokens, preempted, timed = self._sum_over_ranks(s["loss_sum"], s["tokens"], *self.store.local_triggers())
             loss, session_tokens = loss_sum / self.sampler.step_loss_tokens(step), session_tokens + tokens
             record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
             if "grad_norm" in s:
                 record["train/grad_norm"] = s["grad_norm"]
             record["train/tokens_per_s"] = session_tokens / (time.monotonic() - t0)
-            self.state.step, self.state.tokens_seen = step + 1, int(resumed_tokens + session_tokens)
+            self.state.step, self.state.tokens_seen = step + 1, resumed_tokens + session_tokens
             self.state.history.append({"step": step + 1, **record})
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
-            last = step + 1 == self.total_steps
-            if t.eval_every and (step + 1) % t.eval_every == 0 and not last and self.eval_rows:
-                record["eval/loss"] = self.evaluate()
-                self.model.train()
+            if eval_loss is not None:
+                record["eval/loss"] = eval_loss
             if (step + 1) % t.log_every == 0 or last:
                 self.metrics.log(step + 1, record)
             self.store.maybe_save(self.state, preempted=preempted > 0, timed=timed > 0, last_step=last)
@@ -217,7 +231,9 @@ class SFTRecipe:
         loss_sum = count_sum = 0.0
         for i in range(n_batches):
             rows = shard[i * mb : (i + 1) * mb]
-            loss, count = summed_loss(self.model, rows or self.eval_rows[:1], self.tokenizer.pad_token_id, self.cfg.data.packing, acc.device)
+            loss, count = summed_loss(
+                self.model, rows or self.eval_rows[:1], self.tokenizer.pad_token_id, self.cfg.data.packing, acc.device
+            )
             if rows:
                 loss_sum, count_sum = loss_sum + loss, count_sum + count
         self.backend.after_eval(self.model)
@@ -249,7 +265,13 @@ class SFTRecipe:
             "eval_loss_after": self.eval_loss_after,
             "final_train_loss": history[-1]["train/loss"] if history else None,
             "tokens_per_s": history[-1]["train/tokens_per_s"] if history else None,
-            "data": {"examples": s.examples, "rows": len(self.train_rows), "skipped": s.skipped, "truncated": s.truncated, "dropped": s.dropped},
+            "data": {
+                "examples": s.examples,
+                "rows": len(self.train_rows),
+                "skipped": s.skipped,
+                "truncated": s.truncated,
+                "dropped": s.dropped,
+            },
             "history": history,
         }
         if self.accelerator.is_main_process:

@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+from ftscale.checkpoint.layout import WANDB_RUN_ID
 from ftscale.config import FtscaleConfig
 
 log = logging.getLogger("ftscale")
@@ -34,7 +35,7 @@ class MetricLogger:
                 id=run_id,
                 resume="allow",  # a fresh run has a new id, so only a resumed run continues one
             )
-            (Path(cfg.training.output_dir) / "wandb-run-id").write_text(run_id)  # for `wandb sync` and scripts
+            (Path(cfg.training.output_dir) / WANDB_RUN_ID).write_text(run_id)  # for `wandb sync` and scripts
 
     def log(self, step: int, metrics: dict[str, float | None]) -> None:
         """Log the metrics that have a value (None: not measured in this run, e.g. eval without eval data)."""

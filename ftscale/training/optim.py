@@ -16,9 +16,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig, devic
         # Fused AdamW exists for CUDA and (since torch 2.4) CPU; it needs floating-point params on one device type.
         impl = "fused" if device.type in ("cuda", "cpu") and all(p.is_floating_point() for p in params) else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, **kwargs
-    )
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, **kwargs)
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
