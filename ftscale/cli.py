@@ -72,10 +72,35 @@ def cmd_import_gguf(args) -> int:
 def cmd_merge(args) -> int:
     from ftscale.merge import stream_merge, verify_merge
 
-    report = stream_merge(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)
+    if args.verify_data and not args.verify:
+        raise FtscaleError("--verify-data needs --verify")
+    quantization = None
+    if args.quant_type is not None:  # settings for an adapter that did not record its own
+        quantization = {
+            "quant_type": args.quant_type,
+            "double_quant": args.double_quant,
+            "blocksize": args.quant_blocksize,
+            "compute_dtype": args.quant_compute_dtype,
+            "quant_storage": "uint8",
+        }
+    elif args.quant_blocksize != 64 or args.quant_compute_dtype != "float32" or not args.double_quant:
+        raise FtscaleError("--quant-blocksize, --quant-compute-dtype and --no-double-quant go with --quant-type")
+    report = stream_merge(
+        args.base,
+        args.adapter,
+        args.out,
+        max_shard_size=args.max_shard_size,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        base_weights=args.base_weights,
+        quantization=quantization,
+    )
     print(json.dumps(report))
     if args.verify:
-        print(json.dumps(verify_merge(args.base, args.adapter, args.out)))
+        checked = verify_merge(
+            args.base, args.adapter, args.out, base_weights=args.base_weights, quantization=quantization, data=args.verify_data
+        )
+        print(json.dumps(checked))
     return 0
 
 
@@ -131,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the base's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--verify", action="store_true", help="compare logits of base+adapter and the merged model afterwards")
+    p.add_argument("--verify-data", help="chat JSONL: --verify also reports each model's held-out loss on it")
+    p.add_argument(
+        "--base-weights",
+        choices=["original", "dequantized"],
+        help="QLoRA: merge into the 4-bit base as training computed with it (dequantized, the default for QLoRA "
+        "adapters) or into the original weights",
+    )
+    p.add_argument("--quant-type", choices=["nf4", "fp4"], help="quantisation of an adapter that did not record it")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="with --quant-type")
+    p.add_argument("--quant-blocksize", type=int, default=64, help="with --quant-type (bitsandbytes' default: 64)")
+    p.add_argument("--quant-compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="with --quant-type")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("compare", help="answer held-out prompts with a base and a tuned model; held-out loss and exact match")

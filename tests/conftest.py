@@ -46,14 +46,14 @@ def build_tokenizer(with_chatml_tokens: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build_tiny_model(vocab_size: int, tie: bool = True, seed: int = 0, layers: int = 2):
+def build_tiny_model(vocab_size: int, tie: bool = True, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -41,7 +41,8 @@ def load_model(path: str | Path, base: str | Path) -> torch.nn.Module:
 def heldout_loss(model, tokenizer, data: str) -> float:
     cfg = DataConfig(train=[], eval=[], packing=False, max_seq_len=2048)
     examples, _ = tokenize_sources([DataSource(path=data)], cfg, tokenizer)
-    sums = [summed_loss(model, [row], tokenizer.pad_token_id, False, torch.device("cpu")) for row in single_rows(examples)]
+    device = next(model.parameters()).device
+    sums = [summed_loss(model, [row], tokenizer.pad_token_id, False, device) for row in single_rows(examples)]
     return sum(s for s, _ in sums) / sum(n for _, n in sums)
 
 

@@ -19,6 +19,8 @@ from tqdm import tqdm
 from ftscale.atomic_files import partial_folder, replace_folder
 from ftscale.json_files import read_json
 from ftscale.merge.adapter_edits import AdapterEdits, MergeError, read_adapter_edits
+from ftscale.merge.quantized_base import choose_base_weights, quantized_tensors
+from ftscale.model.quantization import dequantized
 from ftscale.safetensors_stream import (
     StreamingSafetensorsWriter,
     TensorInfo,
@@ -134,15 +136,21 @@ def stream_merge(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    base_weights: str | None = None,
+    quantization: dict | None = None,
 ) -> dict:
+    """base_weights: original | dequantized (QLoRA: the base as training computed with it), default by the adapter
+    (ftscale.merge.quantized_base); quantization: settings overriding or replacing the adapter's record."""
     base, adapter, out = Path(base), Path(adapter), Path(out)
     if out.exists() and not overwrite:
         raise MergeError(f"output folder {out} exists: choose another --out or pass --overwrite")
     max_bytes = parse_size(max_shard_size)
     edits = read_adapter_edits(adapter)
+    mode, record = choose_base_weights(base_weights, edits, quantization, str(adapter))
     config = _base_config(base)
     tensors = base_tensors(base)
     sources = _resolve_targets(edits, tensors, config)
+    replay = quantized_tensors(record, {n: t.shape for n, t in tensors.items()}) if record else set()
     out_dtype = OUT_DTYPES[dtype] if dtype else None
 
     def target_dtype(info: TensorInfo) -> torch.dtype:
@@ -166,6 +174,8 @@ def stream_merge(
             writer = StreamingSafetensorsWriter(tmp / fname, shard, {"format": "pt"})
             for name, dt, _shape in shard:
                 tensor = read_tensor(tensors[sources.get(name, name)])
+                if sources.get(name, name) in replay:
+                    tensor = dequantized(tensor, record)
                 if name in edits.edits:
                     work = tensor.float()  # every delta in fp32, rounded once to the output dtype
                     for edit in edits.edits[name]:
@@ -190,13 +200,16 @@ def stream_merge(
         "shards": len(shards),
         "tensors": len(items),
         "merged_tensors": len(edits.edits),
+        "base_weights": mode,
+        "dequantized_tensors": len(replay),
         "bytes": total,
         "seconds": round(seconds, 3),
         "bytes_per_s": round(total / max(seconds, 1e-9)),
     }
-    if edits.quantized_base:
+    if edits.quantized_base and mode == "original":
         report["note"] = (
-            "QLoRA adapter: merged into the original (non-quantised) base weights, not the NF4-dequantised ones it was trained against"
+            "QLoRA adapter: merged into the original (non-quantised) base weights, not the dequantised 4-bit ones it was "
+            "trained against; the merged model differs from the trained one by the quantisation error"
         )
     return report
 

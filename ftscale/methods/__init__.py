@@ -14,6 +14,7 @@ from ftscale.methods.bottleneck import (
     load_bottleneck,
 )
 from ftscale.methods.peft_methods import peft_config
+from ftscale.model.quantization import quantization_record
 
 
 def attach_adapter(model: nn.Module, cfg: FtscaleConfig) -> nn.Module:
@@ -27,7 +28,8 @@ def attach_adapter(model: nn.Module, cfg: FtscaleConfig) -> nn.Module:
 
 def save_adapter_config(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfig) -> None:
     """The adapter's config without its weights (peft's adapter_config.json or bottleneck_config.json), plus
-    `ftscale_adapter.json` recording the method and whether the base was quantised (the merge reports it)."""
+    `ftscale_adapter.json` recording the method, whether the base was quantised and, for QLoRA, how (the merge
+    replays that quantisation to merge into the weights training saw)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, BottleneckModel):
@@ -35,6 +37,9 @@ def save_adapter_config(model: nn.Module, out_dir: str | Path, cfg: FtscaleConfi
     else:
         model.peft_config["default"].save_pretrained(str(out))
     meta = {"method": cfg.method.name, "base_model": cfg.model.path, "quantized_base": cfg.method.name == "qlora"}
+    record = quantization_record(model, cfg)
+    if record is not None:
+        meta["quantization"] = record
     (out / "ftscale_adapter.json").write_text(json.dumps(meta, indent=2))
 
 

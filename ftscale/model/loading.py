@@ -6,16 +6,15 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import is_offline_mode
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftscale.config import ConfigError, FtscaleConfig
 from ftscale.config.model import DEFAULT_MODEL_PATH, ModelConfig
 from ftscale.data import ensure_chat_template, ensure_pad_token
 from ftscale.errors import first_line
 from ftscale.model.bnb_cpu import disable_cpu_weight_repacking
+from ftscale.model.quantization import DTYPES, quantization_config
 from ftscale.safetensors_stream import read_header
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
 def check_model_path(name: str, option: str = "model.path") -> None:
@@ -46,19 +45,6 @@ def load_tokenizer(model_cfg: ModelConfig):
     added = ensure_chat_template(tokenizer, model_cfg.chat_template)
     ensure_pad_token(tokenizer)
     return tokenizer, added
-
-
-def quantization_config(cfg: FtscaleConfig) -> BitsAndBytesConfig | None:
-    if cfg.method.name != "qlora":
-        return None
-    q = cfg.method.quantization
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-        bnb_4bit_quant_storage=DTYPES[q.quant_storage],
-    )
 
 
 def load_base_model(

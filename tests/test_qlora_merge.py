@@ -1,0 +1,171 @@
+"""QLoRA merge: into the base as training computed with it (each quantised tensor quantised and dequantised with the
+run's settings) or into the original weights; measured against the trained model itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from ftscale.config import load_config
+from ftscale.data import build_datasets, collate
+from ftscale.merge import MergeError, stream_merge, verify_merge
+from ftscale.methods import load_adapter
+from ftscale.model.loading import load_base_model, load_tokenizer
+from ftscale.recipes.sft import recipe_main
+
+from conftest import build_tiny_model, tiny_overrides
+from helpers import run
+
+# The settings an adapter without a record of its own would be merged with (`--quant-type nf4`): the recipe's defaults.
+NF4 = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "compute_dtype": "float32", "quant_storage": "uint8"}
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, tiny_model_dir, tiny_data):
+    """A real QLoRA run of the tiny model: its output folder."""
+    out = tmp_path_factory.mktemp("qlora-run")
+    settings = {"method.name": "qlora", "training.max_steps": 8, "training.learning_rate": 1e-2}
+    recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **settings)))
+    return out
+
+
+@torch.no_grad()
+def logits(model, rows) -> torch.Tensor:
+    return model(**collate(rows, 0, packed=False), use_cache=False).logits
+
+
+def test_the_run_records_how_its_base_was_quantised(qlora_run):
+    meta = json.loads((qlora_run / "adapter/ftscale_adapter.json").read_text())
+    record = meta["quantization"]
+    assert {k: record[k] for k in NF4} == NF4
+    # every linear layer of the 2-layer Llama, named as in the base checkpoint; embeddings and head stay unquantised
+    assert len(record["tensors"]) == 14 and "model.layers.1.mlp.down_proj.weight" in record["tensors"]
+    assert not any("embed" in t or "lm_head" in t for t in record["tensors"])
+    exported = json.loads(next((qlora_run / "checkpoints").glob("step-*/adapter_config/ftscale_adapter.json")).read_text())
+    assert exported["quantization"] == record  # checkpoints carry it too, so export-adapter keeps it
+
+
+def test_dequantized_merge_is_the_trained_model_and_the_original_merge_is_not(qlora_run, tiny_model_dir, tmp_path):
+    cfg = load_config(qlora_run / "config.yaml")
+    trained = load_adapter(load_base_model(cfg, torch.device("cpu")), qlora_run / "adapter").eval()  # the recipe's own path
+    tokenizer, _ = load_tokenizer(cfg.model)
+    _, rows, _ = build_datasets(cfg.data, tokenizer, cfg.training.seed)
+    reference = logits(trained, rows[:4])
+    diffs = {}
+    for mode in ("dequantized", "original"):
+        report = stream_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / mode, dtype="fp32", base_weights=mode, progress=False)
+        assert report["base_weights"] == mode and report["dequantized_tensors"] == (14 if mode == "dequantized" else 0)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / mode, dtype=torch.float32).eval()
+        diffs[mode] = (logits(merged, rows[:4]) - reference).abs().max().item()
+    print(f"\nmax |logit difference| to the trained QLoRA model: {diffs}")
+    assert diffs["dequantized"] < 1e-4  # fp32 rounding: the same products, summed in another order
+    assert diffs["original"] > 1e-2 and diffs["original"] > 100 * diffs["dequantized"]  # the quantisation error
+    # --verify measures the same thing from the command line's side
+    checked = verify_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / "dequantized")
+    assert checked["max_abs_logit_diff"] < 1e-4
+    to_trained = checked["trained_model"]["max_abs_logit_diff"]
+    assert to_trained["merge_into_dequantized"] < 1e-4 < 1e-2 < to_trained["merge_into_original"]
+
+
+def test_default_for_qlora_is_dequantized_and_verify_reports_held_out_loss(qlora_run, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "merged"
+    cmd = ["--base", str(tiny_model_dir), "--adapter", str(qlora_run / "adapter"), "--out", str(out), "--dtype", "fp32"]
+    proc = run([sys.executable, "-m", "ftscale.cli", "merge", *cmd, "--verify", "--verify-data", str(tiny_data["eval"])])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report, checked = (json.loads(line) for line in proc.stdout.splitlines()[-2:])
+    assert report["base_weights"] == "dequantized" and "note" not in report
+    losses = checked["trained_model"]["heldout_loss"]
+    assert set(losses) == {"trained", "merge_into_dequantized", "merge_into_original"}
+    assert losses["merge_into_dequantized"] == pytest.approx(losses["trained"], rel=1e-6)
+    summary = json.loads((qlora_run / "summary.json").read_text())
+    assert losses["trained"] == pytest.approx(summary["eval_loss_after"], rel=1e-5)  # the loss training reported
+
+
+def test_an_adapter_without_a_record_merges_with_the_settings_given(qlora_run, tiny_model_dir, tmp_path):
+    """Another tool's QLoRA adapter: refused without settings, naming the option; with --quant-type it merges into
+    the same weights as the recorded settings give (the quantised tensors found by rule: every 2-D weight but
+    embeddings and head)."""
+    foreign = tmp_path / "foreign"
+    shutil.copytree(qlora_run / "adapter", foreign)
+    meta = json.loads((foreign / "ftscale_adapter.json").read_text())
+    del meta["quantization"]
+    (foreign / "ftscale_adapter.json").write_text(json.dumps(meta))
+    cmd = [sys.executable, "-m", "ftscale.cli", "merge", "--base", str(tiny_model_dir), "--adapter", str(foreign)]
+    refused = run([*cmd, "--out", str(tmp_path / "refused")])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "no quantisation settings" in refused.stderr and "--quant-type nf4" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    given = run([*cmd, "--out", str(tmp_path / "given"), "--quant-type", "nf4"])
+    assert given.returncode == 0, given.stderr[-2000:]
+    assert json.loads(given.stdout.splitlines()[0])["dequantized_tensors"] == 14
+    stream_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / "recorded", progress=False)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "given").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "recorded").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dequantized_is_refused_for_an_adapter_trained_without_quantisation(tiny_model_dir, tiny_data, tmp_path):
+    recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "lora", **{"training.max_steps": 1})))
+    cmd = ["--base", str(tiny_model_dir), "--adapter", str(tmp_path / "lora/adapter"), "--out", str(tmp_path / "m")]
+    proc = run([sys.executable, "-m", "ftscale.cli", "merge", *cmd, "--base-weights", "dequantized"])
+    assert proc.returncode == 2 and "was trained on a base that was not quantised" in proc.stderr, proc.stderr[-2000:]
+    plain = stream_merge(tiny_model_dir, tmp_path / "lora/adapter", tmp_path / "m", progress=False)  # the default: as it is
+    assert plain["base_weights"] == "original" and plain["dequantized_tensors"] == 0
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({**NF4, "tensors": [], "blocksize": "64"}, "blocksize"),
+        ({**NF4, "tensors": ["model.nope.weight"]}, "quantised 'model.nope.weight'"),
+    ],
+)
+def test_a_damaged_record_is_refused_naming_it(qlora_run, tiny_model_dir, tmp_path, record, message):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qlora_run / "adapter", adapter)
+    meta = json.loads((adapter / "ftscale_adapter.json").read_text())
+    (adapter / "ftscale_adapter.json").write_text(json.dumps({**meta, "quantization": record}))
+    with pytest.raises(MergeError, match=message):
+        stream_merge(tiny_model_dir, adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_dequantized_merge_streams_one_tensor_at_a_time(tmp_path):
+    """A 190 MB base merged into 20 MB shards with the quantisation replayed: the process grows by far less than
+    the model (a merge that held the model would grow by all of it), and every shard keeps the limit."""
+    base = tmp_path / "base"
+    build_tiny_model(400, layers=20, hidden=512, intermediate=1024).save_pretrained(base)
+    peft_model = get_peft_model(
+        build_tiny_model(400, layers=20, hidden=512, intermediate=1024), LoraConfig(r=4, target_modules="all-linear")
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    # Peak RSS of the merge alone: Linux resets the process's high-water mark when "5" is written to clear_refs.
+    script = textwrap.dedent(f"""
+        import json, re, torch
+        from ftscale.merge import stream_merge
+        from ftscale.model.quantization import dequantized
+        def status(key):
+            return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+        dequantized(torch.randn(1024, 512), {NF4!r})  # load bitsandbytes' kernels before the baseline
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+        r = stream_merge({str(base)!r}, {str(tmp_path / "adapter")!r}, {str(tmp_path / "out")!r}, max_shard_size="20MB",
+                         base_weights="dequantized", quantization={NF4!r}, progress=False)
+        print(json.dumps({{"grew": status("VmHWM") - before, **r}}))
+    """)
+    proc = run([sys.executable, "-c", script])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    print(f"\ndequantized merge of a {model_bytes / 1e6:.0f} MB base: peak RSS grew {report['grew'] / 1e6:.1f} MB")
+    assert report["dequantized_tensors"] == 140 and model_bytes > 150e6
+    assert report["grew"] < model_bytes / 4, (report["grew"], model_bytes)
+    for shard in (tmp_path / "out").glob("model-*.safetensors"):
+        assert shard.stat().st_size <= 20e6 + 64 * 1024, shard  # the limit plus the shard's header
