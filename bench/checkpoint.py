@@ -3,7 +3,7 @@
     python bench/checkpoint.py [--repeats 5]
 
 Needs the imported model (`make model`). Trains one step so the optimizer state exists, then times
-`save_checkpoint` and a full resume (verify checksums, restore parameters, optimizer, schedule, RNG)."""
+`CheckpointStore.save` and a full resume (`CheckpointStore.load`) (verify checksums, restore parameters, optimizer, schedule, RNG)."""
 
 from __future__ import annotations
 

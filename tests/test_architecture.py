@@ -3,6 +3,7 @@ trainer state a checkpoint holds, and launch settings read in one place."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import tokenize
@@ -16,24 +17,51 @@ from ftscale.distributed.launch import read_launch_settings
 
 from conftest import REPO
 
-BACKEND_NAMES = re.compile(r"fsdp|zero_?\d|deepspeed|dtensor|^ds_|fully_shard|distribute_tensor", re.IGNORECASE)
+# Names of backends and of their specifics, in identifiers and in strings ("FSDP2", "ds_numel", os.environ keys).
+BACKEND_NAMES = re.compile(
+    r"fsdp|\bzero(?!s\b|s_|_grad)|deepspeed|dtensor|\bds_|\bddp\b|multi_(cpu|gpu)|fully_shard|distribute_tensor", re.I
+)
+RECIPE = REPO / "ftscale/recipes/sft.py"
+
+
+def names_and_strings(path):
+    """Identifier and string tokens of a module, docstrings left out (they may explain what a backend does)."""
+    tokens = list(tokenize.tokenize(path.open("rb").readline))
+    for prev, t in zip([None, *tokens], tokens, strict=False):
+        docstring = t.type == tokenize.STRING and (
+            prev is None or prev.type in (tokenize.INDENT, tokenize.NEWLINE, tokenize.NL, tokenize.ENCODING)
+        )
+        if t.type == tokenize.NAME or (t.type == tokenize.STRING and not docstring):
+            yield t
 
 
 def test_no_module_outside_distributed_names_a_backend():
-    """Identifiers (imports included) naming FSDP, ZeRO or DeepSpeed appear only under ftscale/distributed/; the
-    config schema may name the launch options it describes."""
+    """Identifiers and strings (imports included) naming FSDP, ZeRO, DeepSpeed or DDP appear only under
+    ftscale/distributed/; the config schema (ftscale/config/) may name the launch options it describes."""
     found = []
     for path in sorted((REPO / "ftscale").rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()
-        if rel.startswith("ftscale/distributed/") or rel == "ftscale/config/distributed.py":
+        if rel.startswith(("ftscale/distributed/", "ftscale/config/")):
             continue
-        with path.open("rb") as f:
-            found += [
-                f"{rel}:{t.start[0]} {t.string}"
-                for t in tokenize.tokenize(f.readline)
-                if t.type == tokenize.NAME and BACKEND_NAMES.search(t.string)
-            ]
+        found += [f"{rel}:{t.start[0]} {t.string}" for t in names_and_strings(path) if BACKEND_NAMES.search(t.string)]
     assert not found, found
+
+
+def test_the_recipe_reaches_distribution_only_through_the_backend_interface():
+    """From ftscale.distributed the recipe imports the launch settings, the Accelerator and the Backend, never an
+    implementation or its helpers; and nothing outside ftscale/distributed reads the environment."""
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(RECIPE.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ftscale.distributed")
+    }
+    assert imported == {"ftscale.distributed.accelerator", "ftscale.distributed.backend", "ftscale.distributed.launch"}
+    readers = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "ftscale").rglob("*.py")
+        if "os.environ" in p.read_text() and not p.is_relative_to(REPO / "ftscale/distributed")
+    ]
+    assert readers == []
 
 
 def rows(n: int) -> list[Row]:

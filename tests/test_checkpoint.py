@@ -436,6 +436,14 @@ def test_a_checkpoint_written_before_the_redesign_resumes_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from out/checkpoints/step-00000003 (step 3" in proc.stderr
     assert_same_adapter(adapter(tmp_path / "out"), load_file(str(LEGACY_FIXTURE / "final-adapter.safetensors")))
+    # The checkpoints this version writes have the old files, and the old keys in the old order and types.
+    old, new = LEGACY_FIXTURE / "step-00000003", tmp_path / "out/checkpoints/step-00000006"
+    assert sorted(p.relative_to(new) for p in new.rglob("*")) == sorted(p.relative_to(old) for p in old.rglob("*"))
+    for name in ("trainer_state.json", "manifest.json", "scheduler.json", "optimizer/param_groups.json"):
+        was, now = json.loads((old / name).read_text()), json.loads((new / name).read_text())
+        assert list(now) == list(was) if isinstance(was, dict) else len(now) == len(was), name
+    was, now = json.loads((old / "trainer_state.json").read_text()), json.loads((new / "trainer_state.json").read_text())
+    assert {k: type(v) for k, v in now.items()} == {k: type(v) for k, v in was.items()}
 
 
 def test_an_interrupted_swap_is_undone_before_the_resume_decision_and_max_steps_below_it_is_refused(tiny_model_dir, tiny_data, tmp_path):

@@ -132,38 +132,50 @@ def test_two_processes_follow_the_one_process_loss_curve(tiny_model_dir, tiny_da
 
 
 def test_one_all_reduce_per_optimizer_step(tiny_model_dir, tiny_data, tmp_path):
-    """The step's loss sum, token count and checkpoint triggers travel in one all-reduce (the gradient's own
-    reduction is DDP's bucketed C++ path, not counted here). Test-only instrumentation through a sitecustomize:
-    count torch.distributed.all_reduce calls and note the count as each optimizer step starts."""
+    """The step's loss sum, token count and checkpoint triggers travel in one all-reduce; an evaluation step adds the
+    evaluation's own and one more for the triggers (a signal during the evaluation counts at once). No other
+    collective runs per step (the gradient's own reduction is DDP's bucketed C++ path, not counted here).
+    Test-only instrumentation through a sitecustomize: count torch.distributed's collectives, note the counts as
+    each optimizer step starts."""
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import os\n"
+        "import json, os\n"
         f"MARKS = {str(tmp_path)!r}\n"
         "if os.environ.get('RANK') in ('0', '1'):\n"
         "    import torch.distributed as dist\n"
         "    import ftscale.recipes.sft as sft\n"
-        "    calls = {'n': 0}\n"
-        "    original_all_reduce, original_step = dist.all_reduce, sft.SFTRecipe.train_step\n"
-        "    def all_reduce(*a, **k):\n"
-        "        calls['n'] += 1\n"
-        "        return original_all_reduce(*a, **k)\n"
+        "    calls = {}\n"
+        "    def counted(name, original):\n"
+        "        def call(*a, **k):\n"
+        "            calls[name] = calls.get(name, 0) + 1\n"
+        "            return original(*a, **k)\n"
+        "        return call\n"
+        "    for name in ('all_reduce', 'all_gather', 'all_gather_object', 'broadcast', 'broadcast_object_list',\n"
+        "                 'barrier', 'gather', 'gather_object', 'reduce', 'reduce_scatter', 'scatter', 'all_to_all'):\n"
+        "        setattr(dist, name, counted(name, getattr(dist, name)))\n"
+        "    original_step = sft.SFTRecipe.train_step\n"
         "    def train_step(self, step):\n"
         "        with open(os.path.join(MARKS, 'steps-' + os.environ['RANK']), 'a') as f:\n"
-        "            f.write(f\"{step} {calls['n']}\\n\")\n"
+        "            f.write(json.dumps([step, calls]) + '\\n')\n"
         "        return original_step(self, step)\n"
-        "    dist.all_reduce, sft.SFTRecipe.train_step = all_reduce, train_step\n"
+        "    sft.SFTRecipe.train_step = train_step\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{REPO}"}
-    settings = {"training.max_steps": 5, "data.eval": "[]", "training.gradient_accumulation_steps": 2}
+    settings = {"training.max_steps": 6, "training.eval_every": 2, "training.gradient_accumulation_steps": 2}
     proc = subprocess.run(
         ddp_cmd(tiny_model_dir, tiny_data, tmp_path / "run", **settings), capture_output=True, text=True, cwd=REPO, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
-        marks = [tuple(map(int, line.split())) for line in (tmp_path / f"steps-{rank}").read_text().splitlines()]
-        assert [step for step, _ in marks] == [0, 1, 2, 3, 4]
-        assert [b - a for (_, a), (_, b) in zip(marks, marks[1:], strict=False)] == [1, 1, 1, 1], marks
+        marks = [json.loads(line) for line in (tmp_path / f"steps-{rank}").read_text().splitlines()]
+        assert [step for step, _ in marks] == [0, 1, 2, 3, 4, 5]
+        per_step = [
+            {op: after.get(op, 0) - before.get(op, 0) for op in set(before) | set(after) if after.get(op, 0) != before.get(op, 0)}
+            for (_, before), (_, after) in zip(marks, marks[1:], strict=False)
+        ]
+        # steps 1..5 (1-based) between the marks; steps 2 and 4 evaluate
+        assert per_step == [{"all_reduce": 1}, {"all_reduce": 3}, {"all_reduce": 1}, {"all_reduce": 3}, {"all_reduce": 1}], per_step
 
 
 def test_a_failure_on_one_rank_ends_every_rank_with_its_message(tiny_model_dir, tiny_data, tmp_path):

@@ -68,7 +68,13 @@ class Backend:
     def after_eval(self, model: nn.Module) -> None:
         """Put the model back into its training layout after forwards without backward."""
 
-    def scalar(self, t: torch.Tensor) -> float:
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float | None:
+        """Clip the gradients to `max_norm` over all ranks; returns their norm before clipping, or None where the
+        backend does not report one (DeepSpeed clips inside its engine). Collective."""
+        norm = self.acc.clip_grad_norm_(model.parameters(), max_norm)
+        return None if norm is None else self._scalar(norm)
+
+    def _scalar(self, t: torch.Tensor) -> float:
         """The value of a scalar the backend may hold sharded (the gradient norm). Collective where it is."""
         return float(t)
 

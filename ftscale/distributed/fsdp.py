@@ -57,7 +57,7 @@ class FSDP2Backend(Backend):
     def after_eval(self, model) -> None:
         reshard_all(model)
 
-    def scalar(self, t: torch.Tensor) -> float:
+    def _scalar(self, t: torch.Tensor) -> float:
         return float(full_tensor(t))
 
     @contextmanager

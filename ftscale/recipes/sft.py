@@ -157,8 +157,8 @@ class SFTRecipe:
         acc, t = self.accelerator, self.cfg.training
         micro_batches = self.sampler.micro_batches(step)
         # Normalise by the loss tokens of the whole optimizer step on all ranks, so the gradient is the same however
-        # the step is split into micro-batches and processes. DDP averages over processes and backward() divides by
-        # the accumulation steps (as DeepSpeed's engine does): both are undone here.
+        # the step is split into micro-batches and processes. Every backend averages gradients over processes and
+        # accelerate's backward() divides by the accumulation steps: both are undone here.
         step_tokens, loss_sum, tokens = self.sampler.step_loss_tokens(step), 0.0, 0
         for k, rows in enumerate(micro_batches):
             batch, count = collate(rows, self.tokenizer.pad_token_id, self.cfg.data.packing), sum(r.loss_tokens for r in rows)
@@ -167,9 +167,9 @@ class SFTRecipe:
             loss_sum += loss * count
             tokens += batch["input_ids"].numel()
         scalars = {"loss_sum": loss_sum, "tokens": tokens}
-        norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm) if t.max_grad_norm is not None else None
-        if norm is not None:  # DeepSpeed may not report one
-            scalars["grad_norm"] = self.backend.scalar(norm)
+        norm = self.backend.clip_grad_norm(self.model, t.max_grad_norm) if t.max_grad_norm is not None else None
+        if norm is not None:
+            scalars["grad_norm"] = norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,25 +190,24 @@ class SFTRecipe:
         self.store.start_clock()  # checkpoint.every_minutes counts training time, not set-up or the first evaluation
         for step in range(self.start_step, self.total_steps):
             s = self.train_step(step)
-            last = step + 1 == self.total_steps
-            eval_loss = None
-            if t.eval_every and (step + 1) % t.eval_every == 0 and not last and self.eval_rows:
-                eval_loss = self.evaluate()
-                self.model.train()
-            # The step's scalars and every rank's checkpoint triggers (read after the evaluation, so a signal that
-            # arrived during it is acted on now), in one all-reduce.
+            now = time.monotonic()
+            # The step's scalars and every rank's checkpoint triggers, in one all-reduce.
             loss_sum, tokens, preempted, timed = self._sum_over_ranks(s["loss_sum"], s["tokens"], *self.store.local_triggers())
             loss, session_tokens = loss_sum / self.sampler.step_loss_tokens(step), session_tokens + tokens
             record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
             if "grad_norm" in s:
                 record["train/grad_norm"] = s["grad_norm"]
-            record["train/tokens_per_s"] = session_tokens / (time.monotonic() - t0)
+            record["train/tokens_per_s"] = session_tokens / (now - t0)
             self.state.step, self.state.tokens_seen = step + 1, resumed_tokens + session_tokens
             self.state.history.append({"step": step + 1, **record})
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
-            if eval_loss is not None:
-                record["eval/loss"] = eval_loss
+            last = step + 1 == self.total_steps
+            if t.eval_every and (step + 1) % t.eval_every == 0 and not last and self.eval_rows:
+                record["eval/loss"] = self.evaluate()
+                self.model.train()
+                # A signal (or the save clock) that came during the evaluation counts now, not a step later.
+                preempted, timed = self._sum_over_ranks(*self.store.local_triggers())
             if (step + 1) % t.log_every == 0 or last:
                 self.metrics.log(step + 1, record)
             self.store.maybe_save(self.state, preempted=preempted > 0, timed=timed > 0, last_step=last)
