@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-weights",
         choices=["original", "dequantized"],
-        help="QLoRA: merge into the 4-bit base as training computed with it (dequantized, the default for QLoRA "
-        "adapters) or into the original weights",
+        help="QLoRA: merge into the original weights (default: measured better, see README) or into the dequantised "
+        "4-bit base training computed with (dequantized: the very model training evaluated)",
     )
     p.add_argument("--quant-type", choices=["nf4", "fp4"], help="quantisation of an adapter that did not record it")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="with --quant-type")

@@ -68,22 +68,23 @@ def test_dequantized_merge_is_the_trained_model_and_the_original_merge_is_not(ql
     assert diffs["dequantized"] < 1e-4  # fp32 rounding: the same products, summed in another order
     assert diffs["original"] > 1e-2 and diffs["original"] > 100 * diffs["dequantized"]  # the quantisation error
     # --verify measures the same thing from the command line's side
-    checked = verify_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / "dequantized")
+    checked = verify_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / "dequantized", base_weights="dequantized")
     assert checked["max_abs_logit_diff"] < 1e-4
     to_trained = checked["trained_model"]["max_abs_logit_diff"]
     assert to_trained["merge_into_dequantized"] < 1e-4 < 1e-2 < to_trained["merge_into_original"]
 
 
-def test_default_for_qlora_is_dequantized_and_verify_reports_held_out_loss(qlora_run, tiny_model_dir, tiny_data, tmp_path):
+def test_default_is_the_original_weights_and_verify_reports_held_out_loss(qlora_run, tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "merged"
     cmd = ["--base", str(tiny_model_dir), "--adapter", str(qlora_run / "adapter"), "--out", str(out), "--dtype", "fp32"]
     proc = run([sys.executable, "-m", "ftscale.cli", "merge", *cmd, "--verify", "--verify-data", str(tiny_data["eval"])])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report, checked = (json.loads(line) for line in proc.stdout.splitlines()[-2:])
-    assert report["base_weights"] == "dequantized" and "note" not in report
+    assert report["base_weights"] == "original" and "--base-weights dequantized gives the trained model" in report["note"]
     losses = checked["trained_model"]["heldout_loss"]
     assert set(losses) == {"trained", "merge_into_dequantized", "merge_into_original"}
     assert losses["merge_into_dequantized"] == pytest.approx(losses["trained"], rel=1e-6)
+    assert losses["merge_into_original"] != pytest.approx(losses["trained"], rel=1e-6)
     summary = json.loads((qlora_run / "summary.json").read_text())
     assert losses["trained"] == pytest.approx(summary["eval_loss_after"], rel=1e-5)  # the loss training reported
 
@@ -98,14 +99,14 @@ def test_an_adapter_without_a_record_merges_with_the_settings_given(qlora_run, t
     del meta["quantization"]
     (foreign / "ftscale_adapter.json").write_text(json.dumps(meta))
     cmd = [sys.executable, "-m", "ftscale.cli", "merge", "--base", str(tiny_model_dir), "--adapter", str(foreign)]
-    refused = run([*cmd, "--out", str(tmp_path / "refused")])
+    refused = run([*cmd, "--out", str(tmp_path / "refused"), "--base-weights", "dequantized"])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "no quantisation settings" in refused.stderr and "--quant-type nf4" in refused.stderr
     assert not (tmp_path / "refused").exists()
-    given = run([*cmd, "--out", str(tmp_path / "given"), "--quant-type", "nf4"])
+    given = run([*cmd, "--out", str(tmp_path / "given"), "--base-weights", "dequantized", "--quant-type", "nf4"])
     assert given.returncode == 0, given.stderr[-2000:]
     assert json.loads(given.stdout.splitlines()[0])["dequantized_tensors"] == 14
-    stream_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / "recorded", progress=False)
+    stream_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / "recorded", base_weights="dequantized", progress=False)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "given").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "recorded").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -133,7 +134,7 @@ def test_a_damaged_record_is_refused_naming_it(qlora_run, tiny_model_dir, tmp_pa
     meta = json.loads((adapter / "ftscale_adapter.json").read_text())
     (adapter / "ftscale_adapter.json").write_text(json.dumps({**meta, "quantization": record}))
     with pytest.raises(MergeError, match=message):
-        stream_merge(tiny_model_dir, adapter, tmp_path / "out", progress=False)
+        stream_merge(tiny_model_dir, adapter, tmp_path / "out", base_weights="dequantized", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -58,32 +58,31 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return [a.strip() for a in answers]
 
 
-def _conversations(data: str, limit: int | None) -> list[list[dict]]:
+def conversations(data: str, limit: int | None) -> list[list[dict]]:
     """Chat rows whose last message is the assistant's reference answer."""
-    conversations = []
+    chats = []
     for item in read_rows(DataSource(path=data)):
         if isinstance(item.row, DataError):
             raise item.row
         messages = to_example(item.row, "messages", item.where).messages
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{item.where}: the last message must be the assistant's reference answer")
-        conversations.append(messages)
-    if not conversations[:limit]:
+        chats.append(messages)
+    if not chats[:limit]:
         raise DataError(f"{data}: no conversation to compare on" + (f" (--limit {limit})" if limit is not None else ""))
-    return conversations[:limit]
+    return chats[:limit]
 
 
 def compare_models(base: str, tuned: str, data: str, max_new_tokens: int = 48, limit: int | None = None) -> dict:
     check_model_path(base, "--base")
     if not (Path(tuned) / "adapter_config.json").is_file() and not is_bottleneck_adapter(tuned):
         check_model_path(tuned, "--tuned")
-    conversations = _conversations(data, limit)
+    chats = conversations(data, limit)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ensure_pad_token(tokenizer)
-    prompts = [c[:-1] for c in conversations]
-    references = [c[-1]["content"] for c in conversations]
-    rows = conversations
-    report: dict = {"examples": len(rows), "models": {}}
+    prompts = [c[:-1] for c in chats]
+    references = [c[-1]["content"] for c in chats]
+    report: dict = {"examples": len(chats), "models": {}}
     for label, path in (("base", None), ("tuned", tuned)):
         model = load_model(path, base) if path else AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens)

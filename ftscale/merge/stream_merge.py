@@ -139,8 +139,8 @@ def stream_merge(
     base_weights: str | None = None,
     quantization: dict | None = None,
 ) -> dict:
-    """base_weights: original | dequantized (QLoRA: the base as training computed with it), default by the adapter
-    (ftscale.merge.quantized_base); quantization: settings overriding or replacing the adapter's record."""
+    """base_weights: original (default) | dequantized (QLoRA: the base as training computed with it; see
+    ftscale.merge.quantized_base); quantization: settings overriding or replacing the adapter's record."""
     base, adapter, out = Path(base), Path(adapter), Path(out)
     if out.exists() and not overwrite:
         raise MergeError(f"output folder {out} exists: choose another --out or pass --overwrite")
@@ -209,7 +209,8 @@ def stream_merge(
     if edits.quantized_base and mode == "original":
         report["note"] = (
             "QLoRA adapter: merged into the original (non-quantised) base weights, not the dequantised 4-bit ones it was "
-            "trained against; the merged model differs from the trained one by the quantisation error"
+            "trained against; the merged model differs from the trained one by the quantisation error (--verify measures "
+            "it; --base-weights dequantized gives the trained model)"
         )
     return report
 

@@ -32,7 +32,7 @@ def _unmerged(base: Path, adapter: Path, record: dict | None) -> torch.nn.Module
     return load_adapter(model, adapter).eval()
 
 
-def _trained(base: Path, adapter: Path, record: dict) -> torch.nn.Module:
+def trained_model(base: Path, adapter: Path, record: dict) -> torch.nn.Module:
     """The model training computed with: the base quantised to 4 bits with the run's settings, plus the adapter."""
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -97,7 +97,7 @@ def verify_merge(
     models = {f"merge_into_{mode}": candidate}
     other = next(m for m in BASE_WEIGHTS if m != mode)
     models[f"merge_into_{other}"] = _unmerged(base, adapter, record if other == "dequantized" else None)
-    trained = _trained(base, adapter, record)
+    trained = trained_model(base, adapter, record)
     trained_logits = _logits(trained, tokenizer, prompts)
     report["trained_model"] = {
         "max_abs_logit_diff": {name: _max_diff(trained_logits, _logits(m, tokenizer, prompts)) for name, m in models.items()},
