@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ftscale.config import ConfigError, load_config, render_config
+from ftscale.config.method import BLOCKSIZES
 from ftscale.config.model import DEFAULT_MODEL_PATH
 from ftscale.errors import FtscaleError
 
@@ -74,6 +75,10 @@ def cmd_merge(args) -> int:
 
     if args.verify_data and not args.verify:
         raise FtscaleError("--verify-data needs --verify")
+    if args.verify_data:  # now, not after the merge is written
+        from ftscale.evaluation.compare import conversations
+
+        conversations(args.verify_data, None)
     quantization = None
     if args.quant_type is not None:  # settings for an adapter that did not record its own
         quantization = {
@@ -83,6 +88,8 @@ def cmd_merge(args) -> int:
             "compute_dtype": args.quant_compute_dtype,
             "quant_storage": "uint8",
         }
+        if args.base_weights != "dequantized" and not args.verify:
+            raise FtscaleError("--quant-type is used by --base-weights dequantized and by --verify: add one of them")
     elif args.quant_blocksize != 64 or args.quant_compute_dtype != "float32" or not args.double_quant:
         raise FtscaleError("--quant-blocksize, --quant-compute-dtype and --no-double-quant go with --quant-type")
     report = stream_merge(
@@ -165,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quant-type", choices=["nf4", "fp4"], help="quantisation of an adapter that did not record it")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="with --quant-type")
-    p.add_argument("--quant-blocksize", type=int, default=64, help="with --quant-type (bitsandbytes' default: 64)")
+    p.add_argument("--quant-blocksize", type=int, default=64, choices=BLOCKSIZES, help="with --quant-type (bitsandbytes' default: 64)")
     p.add_argument("--quant-compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="with --quant-type")
     p.set_defaults(func=cmd_merge)
 

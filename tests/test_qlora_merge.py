@@ -7,11 +7,12 @@ import json
 import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from ftscale.config import load_config
 from ftscale.data import build_datasets, collate
@@ -20,7 +21,7 @@ from ftscale.methods import load_adapter
 from ftscale.model.loading import load_base_model, load_tokenizer
 from ftscale.recipes.sft import recipe_main
 
-from conftest import build_tiny_model, tiny_overrides
+from conftest import build_tiny_model, tiny_overrides, write_jsonl
 from helpers import run
 
 # The settings an adapter without a record of its own would be merged with (`--quant-type nf4`): the recipe's defaults.
@@ -110,6 +111,27 @@ def test_an_adapter_without_a_record_merges_with_the_settings_given(qlora_run, t
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "given").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "recorded").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --verify compares with the trained model with the settings given; without them it says why it cannot.
+    checked = run([*cmd, "--out", str(tmp_path / "v"), "--quant-type", "nf4", "--verify"])
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert json.loads(checked.stdout.splitlines()[-1])["trained_model"]["max_abs_logit_diff"]["merge_into_dequantized"] < 1e-4
+    unknown = run([*cmd, "--out", str(tmp_path / "u"), "--verify"])
+    assert unknown.returncode == 0 and "pass --quant-type" in json.loads(unknown.stdout.splitlines()[-1])["note"]
+
+
+def test_quantisation_options_that_would_be_ignored_or_override_a_record_are_refused(qlora_run, tiny_model_dir, tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "ftscale.cli", "merge", "--base", str(tiny_model_dir), "--adapter", str(qlora_run / "adapter")]
+    cases = {
+        "records its own quantisation": ["--base-weights", "dequantized", "--quant-type", "fp4"],
+        "--quant-type is used by --base-weights dequantized and by --verify": ["--quant-type", "nf4"],
+        "go with --quant-type": ["--quant-blocksize", "128"],
+        "invalid choice: 100": ["--base-weights", "dequantized", "--quant-type", "nf4", "--quant-blocksize", "100"],
+        "no conversation to compare on": ["--verify", "--verify-data", str(write_jsonl(tmp_path / "empty.jsonl", []))],
+    }
+    for message, options in cases.items():
+        proc = run([*cmd, "--out", str(tmp_path / "out"), *options])
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (options, proc.stderr[-2000:])
+        assert not (tmp_path / "out").exists(), options
 
 
 def test_dequantized_is_refused_for_an_adapter_trained_without_quantisation(tiny_model_dir, tiny_data, tmp_path):
@@ -125,6 +147,10 @@ def test_dequantized_is_refused_for_an_adapter_trained_without_quantisation(tiny
     "record, message",
     [
         ({**NF4, "tensors": [], "blocksize": "64"}, "blocksize"),
+        ({**NF4, "tensors": [], "blocksize": 100}, "blocksize"),
+        ({**NF4, "tensors": [], "quant_storage": ["uint8"]}, "quant_storage"),
+        ({**NF4, "tensors": "all"}, "tensors"),
+        ([1, 2], "quant_type, double_quant"),
         ({**NF4, "tensors": ["model.nope.weight"]}, "quantised 'model.nope.weight'"),
     ],
 )
@@ -136,37 +162,69 @@ def test_a_damaged_record_is_refused_naming_it(qlora_run, tiny_model_dir, tmp_pa
     with pytest.raises(MergeError, match=message):
         stream_merge(tiny_model_dir, adapter, tmp_path / "out", base_weights="dequantized", progress=False)
     assert not (tmp_path / "out").exists()
+    # The merge into the original weights does not use the record: it is not refused for it.
+    assert stream_merge(tiny_model_dir, adapter, tmp_path / "out", progress=False)["base_weights"] == "original"
 
 
 def test_the_dequantized_merge_streams_one_tensor_at_a_time(tmp_path):
-    """A 190 MB base merged into 20 MB shards with the quantisation replayed: the process grows by far less than
-    the model (a merge that held the model would grow by all of it), and every shard keeps the limit."""
-    base = tmp_path / "base"
-    build_tiny_model(400, layers=20, hidden=512, intermediate=1024).save_pretrained(base)
-    peft_model = get_peft_model(
-        build_tiny_model(400, layers=20, hidden=512, intermediate=1024), LoraConfig(r=4, target_modules="all-linear")
-    )
-    peft_model.save_pretrained(tmp_path / "adapter")
-    model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    # Peak RSS of the merge alone: Linux resets the process's high-water mark when "5" is written to clear_refs.
+    """A 190 MB base (largest tensor 2 MB) merged into 20 MB shards with the quantisation replayed: the merge's own
+    memory (measured after a warm-up merge, so the libraries' one-time allocations do not count; 12-20 MB here)
+    stays within 15 of its largest tensors, far from the model; every shard keeps the limit."""
+    models = {}
+    for layers in (2, 20):
+        base, adapter = tmp_path / f"base-{layers}", tmp_path / f"adapter-{layers}"
+        build_tiny_model(400, layers=layers, hidden=512, intermediate=1024).save_pretrained(base)
+        get_peft_model(
+            build_tiny_model(400, layers=layers, hidden=512, intermediate=1024), LoraConfig(r=4, target_modules="all-linear")
+        ).save_pretrained(adapter)
+        models[layers] = (str(base), str(adapter), str(tmp_path / f"out-{layers}"))
     script = textwrap.dedent(f"""
-        import json, re, torch
+        import json, re
         from ftscale.merge import stream_merge
-        from ftscale.model.quantization import dequantized
         def status(key):
             return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-        dequantized(torch.randn(1024, 512), {NF4!r})  # load bitsandbytes' kernels before the baseline
-        open("/proc/self/clear_refs", "w").write("5")
+        def merge(base, adapter, out):
+            return stream_merge(base, adapter, out, max_shard_size="20MB", base_weights="dequantized", quantization={NF4!r}, progress=False)
+        merge(*{models[2]!r})  # warm-up: the libraries' one-time allocations
+        open("/proc/self/clear_refs", "w").write("5")  # Linux resets the high-water mark
         before = status("VmRSS")
-        r = stream_merge({str(base)!r}, {str(tmp_path / "adapter")!r}, {str(tmp_path / "out")!r}, max_shard_size="20MB",
-                         base_weights="dequantized", quantization={NF4!r}, progress=False)
-        print(json.dumps({{"grew": status("VmHWM") - before, **r}}))
+        report = merge(*{models[20]!r})
+        print(json.dumps({{"grew": status("VmHWM") - before, **report}}))
     """)
     proc = run([sys.executable, "-c", script])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.splitlines()[-1])
+    model_bytes = sum(f.stat().st_size for f in Path(models[20][0]).glob("*.safetensors"))
+    largest = 512 * 1024 * 4  # an MLP projection in fp32
     print(f"\ndequantized merge of a {model_bytes / 1e6:.0f} MB base: peak RSS grew {report['grew'] / 1e6:.1f} MB")
-    assert report["dequantized_tensors"] == 140 and model_bytes > 150e6
-    assert report["grew"] < model_bytes / 4, (report["grew"], model_bytes)
-    for shard in (tmp_path / "out").glob("model-*.safetensors"):
+    assert report["dequantized_tensors"] == 140 and model_bytes > 180e6
+    assert report["grew"] < 15 * largest < model_bytes / 5  # tensors' worth, not the model's
+    for shard in Path(models[20][2]).glob("model-*.safetensors"):
         assert shard.stat().st_size <= 20e6 + 64 * 1024, shard  # the limit plus the shard's header
+
+
+def test_a_gpt2_style_base_with_transposed_weights_is_replayed_as_transformers_quantised_it(tiny_tokenizer, tiny_data, tmp_path):
+    """GPT-2's Conv1D layers store their weight transposed; a 4-bit model holds them as linear layers (transformers
+    quantises the transpose), so peft learns the deltas transposed. The run records those tensors; the dequantized
+    merge still reproduces the trained model, and both merges apply the deltas in the layout they were learned in."""
+    base = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    out = tmp_path / "run"
+    recipe_main(
+        load_config(
+            None, tiny_overrides(base, tiny_data, out, **{"method.name": "qlora", "training.max_steps": 4, "training.learning_rate": 1e-2})
+        )
+    )
+    record = json.loads((out / "adapter/ftscale_adapter.json").read_text())["quantization"]
+    assert record["transposed"] and set(record["transposed"]) <= set(record["tensors"])
+    stream_merge(base, out / "adapter", tmp_path / "merged", dtype="fp32", base_weights="dequantized", progress=False)
+    checked = verify_merge(base, out / "adapter", tmp_path / "merged", base_weights="dequantized")
+    to_trained = checked["trained_model"]["max_abs_logit_diff"]
+    print(f"\nGPT-2 style base, max |logit difference| to the trained model: {to_trained}")
+    assert checked["max_abs_logit_diff"] < 1e-4 and to_trained["merge_into_dequantized"] < 1e-4 < to_trained["merge_into_original"]
+    # The merge into the original weights applies the deltas in the layout they were learned in, too.
+    stream_merge(base, out / "adapter", tmp_path / "original", dtype="fp32", progress=False)
+    assert verify_merge(base, out / "adapter", tmp_path / "original")["max_abs_logit_diff"] < 1e-4

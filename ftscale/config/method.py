@@ -25,6 +25,9 @@ class LoraSection(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
 
 
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # the 4-bit block sizes bitsandbytes quantises with on every device
+
+
 class QuantizationSection(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base (QLoRA uses NF4).")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit per weight).")

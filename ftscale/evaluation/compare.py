@@ -43,6 +43,8 @@ def heldout_loss(model, tokenizer, data: str) -> float:
     examples, _ = tokenize_sources([DataSource(path=data)], cfg, tokenizer)
     device = next(model.parameters()).device
     sums = [summed_loss(model, [row], tokenizer.pad_token_id, False, device) for row in single_rows(examples)]
+    if not sum(n for _, n in sums):
+        raise DataError(f"{data}: no example with an answer to take a loss on")
     return sum(s for s, _ in sums) / sum(n for _, n in sums)
 
 

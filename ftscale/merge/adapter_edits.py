@@ -16,7 +16,6 @@ from ftscale.config.method import PROMPT_METHOD_NAMES
 from ftscale.errors import FtscaleError, first_line
 from ftscale.json_files import read_json
 from ftscale.methods.bottleneck import is_bottleneck_adapter
-from ftscale.model.quantization import DTYPES, QUANT_TYPES
 from ftscale.safetensors_stream import read_header, read_tensor
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -38,7 +37,7 @@ class AdapterEdits:
     optional: set[str] = field(default_factory=set)  # edits that apply only where the base has the tensor (IA3 biases)
     min_rows: dict[str, int] = field(default_factory=dict)  # base tensor name -> rows it must have (token indices)
     # From ftscale_adapter.json: whether the base was 4-bit (None: no such file, another tool's adapter) and, for
-    # QLoRA, how it was quantised (ftscale.model.quantization.quantization_record).
+    # QLoRA, how it was quantised (ftscale.model.quantization.quantization_record), unchecked until used.
     quantized_base: bool | None = None
     quantization: dict | None = None
 
@@ -218,23 +217,5 @@ def read_adapter_edits(adapter_dir: str | Path) -> AdapterEdits:
     if meta_path.is_file():
         meta = _read_adapter_config(meta_path)
         out.quantized_base = meta.get("quantized_base", False) is True
-        out.quantization = _quantization_record(meta.get("quantization"), meta_path)
+        out.quantization = meta.get("quantization")  # checked where it is used (ftscale.merge.quantized_base)
     return out
-
-
-def _quantization_record(record, path: Path) -> dict | None:
-    """The "quantization" entry of ftscale_adapter.json, checked: a merge replays it on every quantised tensor."""
-    if record is None:
-        return None
-    checks = {
-        "quant_type": lambda v: v in QUANT_TYPES,
-        "double_quant": lambda v: isinstance(v, bool),
-        "blocksize": lambda v: type(v) is int and v > 0,
-        "compute_dtype": lambda v: v in ("float32", "bfloat16", "float16"),
-        "quant_storage": lambda v: v in DTYPES,
-        "tensors": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
-    }
-    bad = [k for k, ok in checks.items() if not isinstance(record, dict) or k not in record or not ok(record[k])]
-    if bad:
-        raise MergeError(f"{path}: corrupt 'quantization' entry ({', '.join(bad)}): save or export the adapter again")
-    return record

@@ -19,8 +19,7 @@ from tqdm import tqdm
 from ftscale.atomic_files import partial_folder, replace_folder
 from ftscale.json_files import read_json
 from ftscale.merge.adapter_edits import AdapterEdits, MergeError, read_adapter_edits
-from ftscale.merge.quantized_base import choose_base_weights, quantized_tensors
-from ftscale.model.quantization import dequantized
+from ftscale.merge.quantized_base import as_trained, choose_base_weights, quantized_tensors, trained_layout
 from ftscale.safetensors_stream import (
     StreamingSafetensorsWriter,
     TensorInfo,
@@ -80,7 +79,7 @@ def _tied_embedding(tensors: dict[str, TensorInfo]) -> str | None:
     return next((n for n in tensors if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))), None)
 
 
-def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config: dict) -> dict[str, str]:
+def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config: dict, transposed: set[str]) -> dict[str, str]:
     """Map each edited tensor to the base tensor it starts from. A tied output head that the adapter changes
     starts from the input embedding and becomes a tensor of its own (the output config is then untied)."""
     sources = {}
@@ -98,6 +97,8 @@ def _resolve_targets(edits: AdapterEdits, tensors: dict[str, TensorInfo], config
                 f"model (first base tensors: {', '.join(list(tensors)[:3])})"
             )
         want, have = edits.expected_shapes.get(name), tuple(tensors[sources[name]].shape)
+        if sources[name] in transposed:  # the adapter was trained on the transposed layout (see trained_layout)
+            have = have[::-1]
         if want is not None and (len(want) != len(have) or any(w is not None and w != h for w, h in zip(want, have, strict=True))):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
             raise MergeError(f"adapter's '{name}' has shape {shown}, the base's is {have}: adapter and base do not match")
@@ -140,7 +141,7 @@ def stream_merge(
     quantization: dict | None = None,
 ) -> dict:
     """base_weights: original (default) | dequantized (QLoRA: the base as training computed with it; see
-    ftscale.merge.quantized_base); quantization: settings overriding or replacing the adapter's record."""
+    ftscale.merge.quantized_base); quantization: the settings to replay for an adapter that recorded none."""
     base, adapter, out = Path(base), Path(adapter), Path(out)
     if out.exists() and not overwrite:
         raise MergeError(f"output folder {out} exists: choose another --out or pass --overwrite")
@@ -149,7 +150,8 @@ def stream_merge(
     mode, record = choose_base_weights(base_weights, edits, quantization, str(adapter))
     config = _base_config(base)
     tensors = base_tensors(base)
-    sources = _resolve_targets(edits, tensors, config)
+    transposed = trained_layout(edits)
+    sources = _resolve_targets(edits, tensors, config, transposed)
     replay = quantized_tensors(record, {n: t.shape for n, t in tensors.items()}) if record else set()
     out_dtype = OUT_DTYPES[dtype] if dtype else None
 
@@ -174,13 +176,15 @@ def stream_merge(
             writer = StreamingSafetensorsWriter(tmp / fname, shard, {"format": "pt"})
             for name, dt, _shape in shard:
                 tensor = read_tensor(tensors[sources.get(name, name)])
-                if sources.get(name, name) in replay:
-                    tensor = dequantized(tensor, record)
+                if record is not None:  # the base as training computed with it
+                    tensor = as_trained(sources.get(name, name), tensor, record, replay)
                 if name in edits.edits:
                     work = tensor.float()  # every delta in fp32, rounded once to the output dtype
+                    flip = sources.get(name, name) in transposed
+                    work = work.T if flip else work
                     for edit in edits.edits[name]:
                         work = edit(work)
-                    tensor = work
+                    tensor = work.T.contiguous() if flip else work
                 tensor = tensor.to(dt)
                 writer.write(name, tensor)
                 weight_map[name] = fname
