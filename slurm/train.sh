@@ -15,6 +15,11 @@
 #   FTSCALE_MAX_FAILURES        requeues after a real failure (non-zero exit without a checkpoint marker) (default 1)
 #   FTSCALE_HOME                the ftscale checkout (default: the submit directory)
 #   FTSCALE_VENV                virtual environment to activate (default: $FTSCALE_HOME/.venv when it exists)
+#   FTSCALE_CONTAINER           run ftscale from a container image instead of a virtual environment: an Apptainer
+#                               image (a path ending in .sif) or a Pyxis/enroot image (anything else: a registry
+#                               image such as ghcr.io#org/ftscale:cuda, or a .sqsh file). See docker/README.md.
+#   FTSCALE_CONTAINER_MOUNTS    more mounts for the container, comma-separated src:dst (the checkout is always
+#                               mounted at its own path, so configs, data and outputs are where they are outside)
 #   WANDB_MODE                  W&B mode for the run; compute nodes without internet: offline, then `wandb sync`
 #
 # Preemption and time limits: Slurm sends USR1 to this shell 120 s before the limit (--signal=B:USR1@120; a
@@ -37,15 +42,31 @@ cd "${FTSCALE_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
 : "${FTSCALE_CONFIG:=configs/smollm2-135m/lora.yaml}"
 : "${FTSCALE_ACCELERATE_CONFIG:=configs/accelerate/ddp.yaml}"
 : "${FTSCALE_MAX_REQUEUES:=50}" "${FTSCALE_MAX_FAILURES:=1}"
-if [ -z "${FTSCALE_VENV:-}" ] && [ -d "$FTSCALE_HOME/.venv" ]; then FTSCALE_VENV=$FTSCALE_HOME/.venv; fi
-# shellcheck disable=SC1091
-if [ -n "${FTSCALE_VENV:-}" ]; then source "$FTSCALE_VENV/bin/activate"; fi
+# Where ftscale runs: a container image (every ftscale command goes through `in_container`, and the training step
+# gets the container options), or a virtual environment on the nodes.
+in_container=()
+step_container=()
+if [ -n "${FTSCALE_CONTAINER:-}" ]; then
+    mounts="$FTSCALE_HOME:$FTSCALE_HOME${FTSCALE_CONTAINER_MOUNTS:+,$FTSCALE_CONTAINER_MOUNTS}"
+    case "$FTSCALE_CONTAINER" in
+        *.sif)  # Apptainer: --nv makes the node's GPUs and driver visible inside
+            in_container=(apptainer exec --nv --bind "$mounts" --pwd "$FTSCALE_HOME" "$FTSCALE_CONTAINER")
+            step_container=("${in_container[@]}") ;;
+        *)  # Pyxis: container options of srun itself
+            step_container=(--container-image="$FTSCALE_CONTAINER" --container-mounts="$mounts" --container-workdir="$FTSCALE_HOME")
+            in_container=(srun --ntasks=1 --nodes=1 "${step_container[@]}") ;;
+    esac
+else
+    if [ -z "${FTSCALE_VENV:-}" ] && [ -d "$FTSCALE_HOME/.venv" ]; then FTSCALE_VENV=$FTSCALE_HOME/.venv; fi
+    # shellcheck disable=SC1091
+    if [ -n "${FTSCALE_VENV:-}" ]; then source "$FTSCALE_VENV/bin/activate"; fi
+fi
 export FTSCALE_HOME FTSCALE_CONFIG FTSCALE_ACCELERATE_CONFIG HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 
 say() { echo "[ftscale-slurm $(date +%H:%M:%S) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
 
-checkpoints=$(ftscale config get checkpoint.dir --config "$FTSCALE_CONFIG" "$@") || exit 2
-[ -n "$checkpoints" ] || checkpoints="$(ftscale config get training.output_dir --config "$FTSCALE_CONFIG" "$@")/checkpoints"
+checkpoints=$("${in_container[@]}" ftscale config get checkpoint.dir --config "$FTSCALE_CONFIG" "$@") || exit 2
+[ -n "$checkpoints" ] || checkpoints="$("${in_container[@]}" ftscale config get training.output_dir --config "$FTSCALE_CONFIG" "$@")/checkpoints"
 marker=$checkpoints/PREEMPTED
 failures_file=$checkpoints/slurm-failures-${SLURM_JOB_ID}
 
@@ -56,10 +77,10 @@ export MASTER_ADDR="${MASTER_ADDR:-$first_node}"
 export MASTER_PORT="${FTSCALE_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 gpus=${SLURM_GPUS_ON_NODE:-0}
 export FTSCALE_PROCS_PER_NODE="${FTSCALE_PROCS_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 1)}"
-say "config $FTSCALE_CONFIG, accelerate $FTSCALE_ACCELERATE_CONFIG, $SLURM_NNODES node(s) x $FTSCALE_PROCS_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"
+say "config $FTSCALE_CONFIG, accelerate $FTSCALE_ACCELERATE_CONFIG, $SLURM_NNODES node(s) x $FTSCALE_PROCS_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT${FTSCALE_CONTAINER:+, container $FTSCALE_CONTAINER}"
 
 # One launcher per node; signals that reach this shell are forwarded to srun, which forwards them to the launchers.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$FTSCALE_HOME/slurm/launch_node.sh" "$@" &
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${step_container[@]}" bash "$FTSCALE_HOME/slurm/launch_node.sh" "$@" &
 srun_pid=$!
 forward() { say "received $1: forwarding to the training processes"; kill -s "$1" "$srun_pid" 2>/dev/null; }
 trap 'forward USR1' USR1

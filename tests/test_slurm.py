@@ -140,3 +140,41 @@ def test_a_failing_job_is_requeued_a_bounded_number_of_times(cluster, tiny_model
     proc = sbatch(cluster, "slurm/train.sh", [*overrides, "training.max_stepz=3"], logs, "--nodes=1")
     log = job_log(logs)
     assert proc.returncode == 2 and "training.max_stepz" in log and "max_steps" in log and "requeue" not in log, log
+
+
+def test_train_sh_runs_every_ftscale_command_inside_an_apptainer_image(cluster, tiny_model_dir, tiny_data, tmp_path):
+    """FTSCALE_CONTAINER=*.sif: the config lookups and every node's launcher run through `apptainer exec --nv` with
+    the checkout mounted at its own path. No container runtime can run here, so `apptainer` is a stand-in that
+    records its arguments, then runs the command on the host with the image's PATH (the venv the image would hold)."""
+    out, logs, bin_dir = tmp_path / "run", tmp_path / "logs", tmp_path / "bin"
+    logs.mkdir()
+    bin_dir.mkdir()
+    calls = tmp_path / "apptainer-calls"
+    venv_bin = Path(sys.executable).parent
+    stand_in = bin_dir / "apptainer"
+    stand_in.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {calls}\n'
+        '[ "$1" = exec ] || exit 64; shift\n'
+        "pwd_dir=.\n"
+        "while [ $# -gt 0 ]; do case $1 in --nv) shift ;; --bind) shift 2 ;; --pwd) pwd_dir=$2; shift 2 ;; *) break ;; esac; done\n"
+        "shift  # the image\n"
+        f'cd "$pwd_dir" && PATH={venv_bin}:$PATH exec "$@"\n'
+    )
+    stand_in.chmod(0o755)
+    env = job_env(cluster, FTSCALE_CONTAINER=str(tmp_path / "ftscale.sif"), PATH=f"{bin_dir}:{cluster.env['PATH']}")
+    del env["FTSCALE_VENV"]  # the container, not a virtual environment
+    settings = {"training.max_steps": 2}
+    proc = sbatch(cluster, "slurm/train.sh", tiny_overrides(tiny_model_dir, tiny_data, out, **settings), logs, "--nodes=1", env=env)
+    log = job_log(logs)
+    assert proc.returncode == 0, f"{proc.stderr}\n{log[-4000:]}"
+    assert f"container {tmp_path / 'ftscale.sif'}" in log and "training finished" in log
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    lines = calls.read_text().splitlines()
+    prefix = f"exec --nv --bind {REPO}:{REPO} --pwd {REPO} {tmp_path / 'ftscale.sif'} "
+    assert all(line.startswith(prefix) for line in lines), lines
+    assert [line.removeprefix(prefix).split()[:3] for line in lines] == [
+        ["ftscale", "config", "get"],
+        ["ftscale", "config", "get"],
+        ["bash", f"{REPO}/slurm/launch_node.sh", f"model.path={tiny_model_dir}"],
+    ]
