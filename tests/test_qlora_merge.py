@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from ftscale.cli import main
 from ftscale.config import load_config
 from ftscale.data import build_datasets, collate
 from ftscale.merge import MergeError, stream_merge, verify_merge
@@ -35,6 +36,16 @@ def qlora_run(tmp_path_factory, tiny_model_dir, tiny_data):
     settings = {"method.name": "qlora", "training.max_steps": 8, "training.learning_rate": 1e-2}
     recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, out, **settings)))
     return out
+
+
+def merge_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`ftscale merge ARGS` in this process: the command line's own code, without an interpreter start-up each."""
+    try:
+        code = main(["merge", *args])
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @torch.no_grad()
@@ -75,12 +86,12 @@ def test_dequantized_merge_is_the_trained_model_and_the_original_merge_is_not(ql
     assert to_trained["merge_into_dequantized"] < 1e-4 < 1e-2 < to_trained["merge_into_original"]
 
 
-def test_default_is_the_original_weights_and_verify_reports_held_out_loss(qlora_run, tiny_model_dir, tiny_data, tmp_path):
+def test_default_is_the_original_weights_and_verify_reports_held_out_loss(qlora_run, tiny_model_dir, tiny_data, tmp_path, capsys):
     out = tmp_path / "merged"
     cmd = ["--base", str(tiny_model_dir), "--adapter", str(qlora_run / "adapter"), "--out", str(out), "--dtype", "fp32"]
-    proc = run([sys.executable, "-m", "ftscale.cli", "merge", *cmd, "--verify", "--verify-data", str(tiny_data["eval"])])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report, checked = (json.loads(line) for line in proc.stdout.splitlines()[-2:])
+    code, stdout, stderr = merge_cli(capsys, *cmd, "--verify", "--verify-data", str(tiny_data["eval"]))
+    assert code == 0, stderr[-2000:]
+    report, checked = (json.loads(line) for line in stdout.splitlines()[-2:])
     assert report["base_weights"] == "original" and "--base-weights dequantized gives the trained model" in report["note"]
     losses = checked["trained_model"]["heldout_loss"]
     assert set(losses) == {"trained", "merge_into_dequantized", "merge_into_original"}
@@ -90,7 +101,7 @@ def test_default_is_the_original_weights_and_verify_reports_held_out_loss(qlora_
     assert losses["trained"] == pytest.approx(summary["eval_loss_after"], rel=1e-5)  # the loss training reported
 
 
-def test_an_adapter_without_a_record_merges_with_the_settings_given(qlora_run, tiny_model_dir, tmp_path):
+def test_an_adapter_without_a_record_merges_with_the_settings_given(qlora_run, tiny_model_dir, tmp_path, capsys):
     """Another tool's QLoRA adapter: refused without settings, naming the option; with --quant-type it merges into
     the same weights as the recorded settings give (the quantised tensors found by rule: every 2-D weight but
     embeddings and head)."""
@@ -99,28 +110,27 @@ def test_an_adapter_without_a_record_merges_with_the_settings_given(qlora_run, t
     meta = json.loads((foreign / "ftscale_adapter.json").read_text())
     del meta["quantization"]
     (foreign / "ftscale_adapter.json").write_text(json.dumps(meta))
-    cmd = [sys.executable, "-m", "ftscale.cli", "merge", "--base", str(tiny_model_dir), "--adapter", str(foreign)]
-    refused = run([*cmd, "--out", str(tmp_path / "refused"), "--base-weights", "dequantized"])
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "no quantisation settings" in refused.stderr and "--quant-type nf4" in refused.stderr
+    cmd = ["--base", str(tiny_model_dir), "--adapter", str(foreign)]
+    code, _, stderr = merge_cli(capsys, *cmd, "--out", str(tmp_path / "refused"), "--base-weights", "dequantized")
+    assert code == 2 and "no quantisation settings" in stderr and "--quant-type nf4" in stderr
     assert not (tmp_path / "refused").exists()
-    given = run([*cmd, "--out", str(tmp_path / "given"), "--base-weights", "dequantized", "--quant-type", "nf4"])
-    assert given.returncode == 0, given.stderr[-2000:]
-    assert json.loads(given.stdout.splitlines()[0])["dequantized_tensors"] == 14
+    code, stdout, stderr = merge_cli(capsys, *cmd, "--out", str(tmp_path / "given"), "--base-weights", "dequantized", "--quant-type", "nf4")
+    assert code == 0, stderr[-2000:]
+    assert json.loads(stdout.splitlines()[0])["dequantized_tensors"] == 14
     stream_merge(tiny_model_dir, qlora_run / "adapter", tmp_path / "recorded", base_weights="dequantized", progress=False)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "given").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "recorded").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # --verify compares with the trained model with the settings given; without them it says why it cannot.
-    checked = run([*cmd, "--out", str(tmp_path / "v"), "--quant-type", "nf4", "--verify"])
-    assert checked.returncode == 0, checked.stderr[-2000:]
-    assert json.loads(checked.stdout.splitlines()[-1])["trained_model"]["max_abs_logit_diff"]["merge_into_dequantized"] < 1e-4
-    unknown = run([*cmd, "--out", str(tmp_path / "u"), "--verify"])
-    assert unknown.returncode == 0 and "pass --quant-type" in json.loads(unknown.stdout.splitlines()[-1])["note"]
+    code, stdout, stderr = merge_cli(capsys, *cmd, "--out", str(tmp_path / "v"), "--quant-type", "nf4", "--verify")
+    assert code == 0, stderr[-2000:]
+    assert json.loads(stdout.splitlines()[-1])["trained_model"]["max_abs_logit_diff"]["merge_into_dequantized"] < 1e-4
+    code, stdout, _ = merge_cli(capsys, *cmd, "--out", str(tmp_path / "u"), "--verify")
+    assert code == 0 and "pass --quant-type" in json.loads(stdout.splitlines()[-1])["note"]
 
 
-def test_quantisation_options_that_would_be_ignored_or_override_a_record_are_refused(qlora_run, tiny_model_dir, tiny_data, tmp_path):
-    cmd = [sys.executable, "-m", "ftscale.cli", "merge", "--base", str(tiny_model_dir), "--adapter", str(qlora_run / "adapter")]
+def test_quantisation_options_that_would_be_ignored_or_override_a_record_are_refused(qlora_run, tiny_model_dir, tmp_path, capsys):
+    cmd = ["--base", str(tiny_model_dir), "--adapter", str(qlora_run / "adapter")]
     cases = {
         "records its own quantisation": ["--base-weights", "dequantized", "--quant-type", "fp4"],
         "--quant-type is used by --base-weights dequantized and by --verify": ["--quant-type", "nf4"],
@@ -129,16 +139,16 @@ def test_quantisation_options_that_would_be_ignored_or_override_a_record_are_ref
         "no conversation to compare on": ["--verify", "--verify-data", str(write_jsonl(tmp_path / "empty.jsonl", []))],
     }
     for message, options in cases.items():
-        proc = run([*cmd, "--out", str(tmp_path / "out"), *options])
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (options, proc.stderr[-2000:])
+        code, _, stderr = merge_cli(capsys, *cmd, "--out", str(tmp_path / "out"), *options)
+        assert code == 2 and message in stderr, (options, stderr[-2000:])
         assert not (tmp_path / "out").exists(), options
 
 
-def test_dequantized_is_refused_for_an_adapter_trained_without_quantisation(tiny_model_dir, tiny_data, tmp_path):
+def test_dequantized_is_refused_for_an_adapter_trained_without_quantisation(tiny_model_dir, tiny_data, tmp_path, capsys):
     recipe_main(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "lora", **{"training.max_steps": 1})))
     cmd = ["--base", str(tiny_model_dir), "--adapter", str(tmp_path / "lora/adapter"), "--out", str(tmp_path / "m")]
-    proc = run([sys.executable, "-m", "ftscale.cli", "merge", *cmd, "--base-weights", "dequantized"])
-    assert proc.returncode == 2 and "was trained on a base that was not quantised" in proc.stderr, proc.stderr[-2000:]
+    code, _, stderr = merge_cli(capsys, *cmd, "--base-weights", "dequantized")
+    assert code == 2 and "was trained on a base that was not quantised" in stderr, stderr[-2000:]
     plain = stream_merge(tiny_model_dir, tmp_path / "lora/adapter", tmp_path / "m", progress=False)  # the default: as it is
     assert plain["base_weights"] == "original" and plain["dequantized_tensors"] == 0
 
