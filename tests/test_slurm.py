@@ -162,16 +162,25 @@ def test_train_sh_runs_every_ftscale_command_inside_an_apptainer_image(cluster, 
         f'cd "$pwd_dir" && PATH={venv_bin}:$PATH exec "$@"\n'
     )
     stand_in.chmod(0o755)
+    # The model, the data and the outputs live outside the checkout: they are mounted too.
+    mounts = ",".join(f"{p}:{p}" for p in (tmp_path, tiny_model_dir, tiny_data["train"].parent))
     env = job_env(cluster, FTSCALE_CONTAINER=str(tmp_path / "ftscale.sif"), PATH=f"{bin_dir}:{cluster.env['PATH']}")
     del env["FTSCALE_VENV"]  # the container, not a virtual environment
-    settings = {"training.max_steps": 2}
-    proc = sbatch(cluster, "slurm/train.sh", tiny_overrides(tiny_model_dir, tiny_data, out, **settings), logs, "--nodes=1", env=env)
+    overrides = tiny_overrides(tiny_model_dir, tiny_data, out, **{"training.max_steps": 2})
+    # Checkpoints outside every mount would stay inside the container, with the requeue marker: refused up front.
+    refused = sbatch(cluster, "slurm/train.sh", overrides, logs, "--nodes=1", env=env)
+    assert refused.returncode == 2 and "outside the container's mounts" in job_log(logs), job_log(logs)[-3000:]
+    for f in logs.iterdir():
+        f.unlink()
+    env["FTSCALE_CONTAINER_MOUNTS"] = mounts
+    proc = sbatch(cluster, "slurm/train.sh", overrides, logs, "--nodes=1", env=env)
     log = job_log(logs)
     assert proc.returncode == 0, f"{proc.stderr}\n{log[-4000:]}"
     assert f"container {tmp_path / 'ftscale.sif'}" in log and "training finished" in log
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     lines = calls.read_text().splitlines()
-    prefix = f"exec --nv --bind {REPO}:{REPO} --pwd {REPO} {tmp_path / 'ftscale.sif'} "
+    prefix = f"exec --nv --bind {REPO}:{REPO},{mounts} --pwd {REPO} {tmp_path / 'ftscale.sif'} "
+    lines = lines[2:]  # the refused job's two config lookups
     assert all(line.startswith(prefix) for line in lines), lines
     assert [line.removeprefix(prefix).split()[:3] for line in lines] == [
         ["ftscale", "config", "get"],
