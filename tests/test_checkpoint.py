@@ -410,24 +410,13 @@ def test_a_checkpoint_written_before_the_redesign_resumes_exactly(tmp_path):
     write_jsonl(tmp_path / "data/train.jsonl", demo_rows(48))
     write_jsonl(tmp_path / "data/eval.jsonl", demo_rows(8, "eval"))
     shutil.copytree(LEGACY_FIXTURE / "step-00000003", tmp_path / "out/checkpoints/step-00000003")
-    overrides = {
-        "model.path": "tiny-llama",
-        "data.train": "[{path: data/train.jsonl}]",
-        "data.eval": "[{path: data/eval.jsonl}]",
-        "data.max_seq_len": 256,
-        "training.output_dir": "out",
-        "training.max_steps": 6,
-        "training.micro_batch_size": 2,
-        "training.learning_rate": 5e-3,
-        "training.warmup_steps": 0,
-        "training.scheduler": "constant",
-        "logging.console": False,
-        "checkpoint.every_steps": 3,
-        "method.lora.dropout": 0.1,
-        "checkpoint.keep_last": 5,
-    }
+    # The overrides the fixture was written with (its README), with paths relative to the run's folder.
+    data = {"train": Path("data/train.jsonl"), "eval": Path("data/eval.jsonl")}
+    overrides = tiny_overrides(
+        Path("tiny-llama"), data, Path("out"), **{"checkpoint.every_steps": 3, "method.lora.dropout": 0.1, "checkpoint.keep_last": 5}
+    )
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launch/sft.py"), *(f"{k}={v}" for k, v in overrides.items())],
+        [sys.executable, str(REPO / "launch/sft.py"), *overrides],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -492,37 +481,51 @@ def test_export_adapter_equals_the_adapter_saved_by_training(method, tiny_model_
 BACKENDS = {"1": (None, 1), "ddp": ("ddp", 2), "fsdp2": ("fsdp2", 2), "zero2": ("zero2", 2), "zero3": ("zero3", 2)}
 
 
+RESUME_SETTINGS = {"training.max_steps": 8, "checkpoint.every_steps": 4}
+
+
+def resume_cmd(backend: str, model_dir, data, out) -> list[str]:
+    """8 steps of 4 rows, checkpoints at 4 and 8, as 1 process x 4 rows or 2 processes x 2 rows under `backend`."""
+    config, procs = BACKENDS[backend]
+    settings = {**RESUME_SETTINGS, "training.micro_batch_size": 4 // procs}
+    return launch_cmd(config, model_dir, data, out, **settings) if config else train_cmd(model_dir, data, out, **settings)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_by_backend(tmp_path_factory, tiny_model_dir, tiny_data):
+    """The uninterrupted run of each backend, run once for every case that starts from it (it is only read)."""
+    runs: dict[str, Path] = {}
+
+    def get(backend: str) -> Path:
+        if backend not in runs:
+            out = tmp_path_factory.mktemp(f"whole-{backend}")
+            proc = run(resume_cmd(backend, tiny_model_dir, tiny_data, out))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[backend] = out
+        return runs[backend]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "first, second",
     [("1", "ddp"), ("ddp", "1"), ("zero2", "1"), ("1", "zero3"), ("zero3", "zero2"), ("fsdp2", "1"), ("ddp", "fsdp2")],
     ids=lambda v: v,
 )
-def test_resume_with_another_number_of_processes_or_backend(first, second, tiny_model_dir, tiny_data, tmp_path):
+def test_resume_with_another_number_of_processes_or_backend(first, second, uninterrupted_by_backend, tiny_model_dir, tiny_data, tmp_path):
     """Same global batch (4 rows per step), split as 1 process x 4 rows or 2 processes x 2 rows, under one process,
     DDP, FSDP2 or DeepSpeed ZeRO-2/3: a checkpoint written by one resumes under another."""
-    base = {"training.max_steps": 8, "checkpoint.every_steps": 4}
-
-    def cmd(backend, out):
-        config, procs = BACKENDS[backend]
-        settings = {**base, "training.micro_batch_size": 4 // procs}
-        return (
-            launch_cmd(config, tiny_model_dir, tiny_data, out, **settings)
-            if config
-            else train_cmd(tiny_model_dir, tiny_data, out, **settings)
-        )
-
-    whole = run(cmd(first, tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    shutil.copytree(tmp_path / "whole/checkpoints/step-00000004", tmp_path / "split/checkpoints/step-00000004")
-    resumed = run(cmd(second, tmp_path / "split"))
+    whole = uninterrupted_by_backend(first)
+    shutil.copytree(whole / "checkpoints/step-00000004", tmp_path / "split/checkpoints/step-00000004")
+    resumed = run(resume_cmd(second, tiny_model_dir, tiny_data, tmp_path / "split"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"written by {BACKENDS[first][1]} processes" in resumed.stderr
-    written = verify(tmp_path / "whole/checkpoints/step-00000008", checksums=True).manifest["world_size"]
+    written = verify(whole / "checkpoints/step-00000008", checksums=True).manifest["world_size"]
     assert written == BACKENDS[first][1]
     # Gradients are reduced in another order across processes: equal up to float rounding.
-    torch.testing.assert_close(torch.tensor(history(tmp_path / "split")), torch.tensor(history(tmp_path / "whole")), rtol=1e-5, atol=1e-6)
-    assert_same_adapter(adapter(tmp_path / "split"), adapter(tmp_path / "whole"), exact=False)
+    torch.testing.assert_close(torch.tensor(history(tmp_path / "split")), torch.tensor(history(whole)), rtol=1e-5, atol=1e-6)
+    assert_same_adapter(adapter(tmp_path / "split"), adapter(whole), exact=False)
     if BACKENDS[first][1] == 2:  # a checkpoint written by 2 ranks exports to one adapter
-        ex = export_adapter(tmp_path / "whole/checkpoints/step-00000008", tmp_path / "exported")
+        ex = export_adapter(whole / "checkpoints/step-00000008", tmp_path / "exported")
         assert ex["written_by_ranks"] == 2
-        assert_same_adapter(load_file(str(tmp_path / "exported/adapter_model.safetensors")), adapter(tmp_path / "whole"))
+        assert_same_adapter(load_file(str(tmp_path / "exported/adapter_model.safetensors")), adapter(whole))
