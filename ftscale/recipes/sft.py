@@ -131,14 +131,12 @@ class SFTRecipe:
             self.sampler,
             self.preemption,
         )
-        self.start_step = 0
         ckpt = self.store.find_resume()
         if ckpt is not None:
             self.state = self.store.load(ckpt)
-            self.start_step = self.state.step
-            if self.start_step > self.total_steps:
+            if self.state.step > self.total_steps:
                 raise ConfigError(
-                    f"{ckpt.path} is at step {self.start_step}, past this run's {self.total_steps} steps: raise "
+                    f"{ckpt.path} is at step {self.state.step}, past this run's {self.total_steps} steps: raise "
                     "training.max_steps, or set checkpoint.resume to an earlier checkpoint"
                 )
         self.run_id = self.store.start(ckpt)
@@ -152,8 +150,8 @@ class SFTRecipe:
         return out.loss.detach().item()
 
     def train_step(self, step: int) -> dict[str, float]:
-        """Optimizer step `step` (0-based) on this rank's micro-batches. Returns this rank's scalars: summed token
-        loss, input tokens, and the gradient norm (already global) when clipping."""
+        """Optimizer step `step` (0-based) on this rank's micro-batches. Returns this rank's summed token loss and
+        input tokens, the step's loss tokens on all ranks, and the gradient norm (already global) when clipping."""
         acc, t = self.accelerator, self.cfg.training
         micro_batches = self.sampler.micro_batches(step)
         # Normalise by the loss tokens of the whole optimizer step on all ranks, so the gradient is the same however
@@ -166,7 +164,7 @@ class SFTRecipe:
                 loss = self.forward_backward(batch, count * acc.num_processes * t.gradient_accumulation_steps / step_tokens)
             loss_sum += loss * count
             tokens += batch["input_ids"].numel()
-        scalars = {"loss_sum": loss_sum, "tokens": tokens}
+        scalars = {"loss_sum": loss_sum, "tokens": tokens, "step_loss_tokens": step_tokens}
         norm = self.backend.clip_grad_norm(self.model, t.max_grad_norm) if t.max_grad_norm is not None else None
         if norm is not None:
             scalars["grad_norm"] = norm
@@ -186,14 +184,14 @@ class SFTRecipe:
         if self.state.eval_loss_before is None:
             self.state.eval_loss_before = self.evaluate()
         self.model.train()
-        resumed_tokens, session_tokens, t0 = self.state.tokens_seen, 0.0, time.monotonic()
+        start, resumed_tokens, session_tokens, t0 = self.state.step, self.state.tokens_seen, 0.0, time.monotonic()
         self.store.start_clock()  # checkpoint.every_minutes counts training time, not set-up or the first evaluation
-        for step in range(self.start_step, self.total_steps):
+        for step in range(start, self.total_steps):
             s = self.train_step(step)
             now = time.monotonic()
             # The step's scalars and every rank's checkpoint triggers, in one all-reduce.
             loss_sum, tokens, preempted, timed = self._sum_over_ranks(s["loss_sum"], s["tokens"], *self.store.local_triggers())
-            loss, session_tokens = loss_sum / self.sampler.step_loss_tokens(step), session_tokens + tokens
+            loss, session_tokens = loss_sum / s["step_loss_tokens"], session_tokens + tokens
             record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
             if "grad_norm" in s:
                 record["train/grad_norm"] = s["grad_norm"]
@@ -214,7 +212,7 @@ class SFTRecipe:
         self.eval_loss_after = self.evaluate()
         if self.eval_loss_after is not None:
             self.metrics.log(self.total_steps, {"eval/loss": self.eval_loss_after})
-        if self.start_step < self.total_steps:  # a finished run started again resumed from this very checkpoint
+        if start < self.total_steps:  # a finished run started again resumed from this very checkpoint
             self.store.save(self.state)
 
     @torch.no_grad()
