@@ -1,4 +1,4 @@
-"""The `ftscale` command line: train, config show/get, import-gguf, export-adapter, merge, compare."""
+"""The `ftscale` command line: train, preprocess, config show/get, import-gguf, export-adapter, merge, compare."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def cmd_train(args) -> int:
         return REQUEUE_EXIT_CODE
     if is_first_process():
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from ftscale.data.preprocess import format_report, preprocess
+
+    report = preprocess(load_config(args.config, args.overrides))
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
@@ -132,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run the SFT recipe in this process (use `accelerate launch launch/sft.py` for many)")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preprocess", help="tokenize a recipe's data into its token stores ahead of training; print statistics")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", required=True)

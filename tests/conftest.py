@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ SMOLLM2 = REPO / DEFAULT_MODEL_PATH
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One token-store cache for the session's tiny runs (outside the checkout): the same data is tokenized once.
+DATA_CACHE = Path(tempfile.mkdtemp(prefix="ftscale-test-stores-"))
 
 
 def demo_rows(n: int, split: str = "train") -> list[dict]:
@@ -104,6 +107,7 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, **extra) -
         "data.train": f"[{{path: {data['train']}}}]",
         "data.eval": f"[{{path: {data['eval']}}}]",
         "data.max_seq_len": 256,
+        "data.cache_dir": str(DATA_CACHE),
         "training.output_dir": str(out),
         "training.max_steps": 6,
         "training.micro_batch_size": 2,

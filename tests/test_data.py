@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from ftscale.config.data import DataConfig, DataSource
-from ftscale.data import IGNORE_INDEX, DataError, build_rows, collate, ensure_chat_template, pack_examples, tokenize_sources
+from ftscale.data import IGNORE_INDEX, DataError, build_datasets, collate, ensure_chat_template, tokenize_sources
+from ftscale.data.packing import greedy_rows, packed_row
 from ftscale.data.tokenize import TokenizedExample
 
 from conftest import build_tiny_model, build_tokenizer, demo_rows, write_jsonl
@@ -98,14 +100,23 @@ def test_every_source_kind_gives_the_same_examples(tok, tmp_path):
     assert all(r == results[0] for r in results) and len(results[0]) == 5
 
 
+def encoded(ex: TokenizedExample) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(ex.input_ids), np.asarray(ex.labels) != IGNORE_INDEX
+
+
+def pack(examples: list[TokenizedExample], max_len: int):
+    bounds = greedy_rows(np.array([len(e.input_ids) for e in examples]), max_len)
+    return [packed_row([encoded(e) for e in examples[a:b]], packed=True) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
 def test_packing_restarts_positions_and_masks_boundaries():
     a = TokenizedExample([5, 6, 7], [5, 6, 7])
     b = TokenizedExample([8, 9], [8, 9])
     c = TokenizedExample([10, 11, 12, 13], [10, 11, 12, 13])
-    rows = pack_examples([a, b, c], max_len=6)
-    assert [r.input_ids for r in rows] == [[5, 6, 7, 8, 9], [10, 11, 12, 13]]
-    assert rows[0].position_ids == [0, 1, 2, 0, 1]
-    assert rows[0].labels == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+    rows = pack([a, b, c], max_len=6)
+    assert [r.input_ids.tolist() for r in rows] == [[5, 6, 7, 8, 9], [10, 11, 12, 13]]
+    assert rows[0].position_ids.tolist() == [0, 1, 2, 0, 1]
+    assert rows[0].labels.tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
     batch = collate(rows, pad_id=0, packed=True)
     assert "attention_mask" not in batch
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]  # the pad forms a block of its own
@@ -115,7 +126,7 @@ def test_packing_restarts_positions_and_masks_boundaries():
 def test_packed_row_has_no_attention_across_examples(tok, tmp_path):
     """Logits of each example inside a packed row equal the logits of that example run alone."""
     examples, _ = tokenize(tok, demo_rows(4), tmp_path)
-    (row,) = pack_examples(examples, max_len=1024)
+    (row,) = pack(examples, max_len=1024)
     model = build_tiny_model(len(tok)).eval()
     with torch.no_grad():
         packed = model(**{k: v for k, v in collate([row], 0, packed=True).items() if k != "labels"}, use_cache=False).logits[0]
@@ -128,7 +139,9 @@ def test_packed_row_has_no_attention_across_examples(tok, tmp_path):
 
 
 def test_padded_batches_mask_padding(tok, tmp_path):
-    rows, _ = build_rows([DataSource(path=str(write_jsonl(tmp_path / "d.jsonl", demo_rows(3))))], DataConfig(packing=False), tok, "t")
+    source = DataSource(path=str(write_jsonl(tmp_path / "d.jsonl", demo_rows(3))))
+    data = build_datasets(DataConfig(train=[source], packing=False, cache_dir=str(tmp_path / "cache")), tok, seed=0)
+    rows = [data.train[i] for i in range(len(data.train))]
     batch = collate(rows, tok.pad_token_id, packed=False)
     lengths = [len(r.input_ids) for r in rows]
     assert batch["attention_mask"].sum(1).tolist() == lengths
@@ -201,5 +214,5 @@ def test_missing_split_and_empty_dataset(tok, tmp_path):
         tokenize_sources([DataSource(path=str(tmp_path / "disk"), split="test")], DataConfig(), tok)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="the training data has no usable example after reading .*empty.jsonl: 0 usable examples") as e:
-        build_rows([DataSource(path=str(tmp_path / "empty.jsonl"))], DataConfig(), tok, "training")
+        build_datasets(DataConfig(train=[DataSource(path=str(tmp_path / "empty.jsonl"))], cache_dir=str(tmp_path / "cache")), tok, seed=0)
     assert "DataStats(" not in str(e.value)

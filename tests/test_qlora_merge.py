@@ -68,7 +68,7 @@ def test_dequantized_merge_is_the_trained_model_and_the_original_merge_is_not(ql
     cfg = load_config(qlora_run / "config.yaml")
     trained = load_adapter(load_base_model(cfg, torch.device("cpu")), qlora_run / "adapter").eval()  # the recipe's own path
     tokenizer, _ = load_tokenizer(cfg.model)
-    _, rows, _ = build_datasets(cfg.data, tokenizer, cfg.training.seed)
+    rows = build_datasets(cfg.data, tokenizer, cfg.training.seed).eval
     reference = logits(trained, rows[:4])
     diffs = {}
     for mode in ("dequantized", "original"):

@@ -29,6 +29,11 @@ class FtscaleConfig(Section):
                 f"method.name={name} prepends virtual tokens to each example, so rows cannot hold several packed "
                 "examples: set data.packing=false"
             )
+        if name in PROMPT_METHODS and self.data.padding_free:
+            raise ValueError(
+                f"method.name={name} prepends virtual tokens to each row, so a micro-batch cannot be one concatenated "
+                "row: set data.padding_free=false"
+            )
         if name in PROMPT_METHODS and self.training.gradient_checkpointing:
             raise ValueError(f"method.name={name} does not support training.gradient_checkpointing in peft: set it to false")
         if name == "qlora" and self.model.dtype == "float16" and self.training.precision == "bf16":

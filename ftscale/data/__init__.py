@@ -1,13 +1,8 @@
-"""Data pipeline: read rows, normalise formats, tokenise with loss masks, pack or pad."""
+"""Data pipeline: read rows, normalise formats, tokenise with loss masks into token stores, mix, pack or pad."""
 
-from ftscale.data.dataset import (
-    DataStats,
-    build_datasets,
-    build_rows,
-    describe,
-    tokenize_sources,
-)
-from ftscale.data.packing import Row, collate, pack_examples
+from ftscale.data.dataset import Datasets, build_datasets, open_stores, tokenize_sources
+from ftscale.data.examples import DataStats, describe
+from ftscale.data.packing import Row, collate
 from ftscale.data.sampler import StepSampler
 from ftscale.data.sources import DataError
 from ftscale.data.tokenize import IGNORE_INDEX, ensure_chat_template, ensure_pad_token
@@ -15,15 +10,15 @@ from ftscale.data.tokenize import IGNORE_INDEX, ensure_chat_template, ensure_pad
 __all__ = [
     "DataError",
     "DataStats",
+    "Datasets",
     "IGNORE_INDEX",
     "Row",
     "StepSampler",
     "build_datasets",
-    "build_rows",
-    "describe",
     "collate",
+    "describe",
     "ensure_chat_template",
     "ensure_pad_token",
-    "pack_examples",
+    "open_stores",
     "tokenize_sources",
 ]

@@ -1,82 +1,61 @@
-"""Build the tokenised training/eval rows of a recipe, with counts of what was skipped, truncated or dropped."""
+"""The rows a recipe trains and evaluates on: token stores for every source (built once, see store_build), the
+held-out split, weighted mixing and packing, all on example indices and lengths."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ftscale.config.data import DataConfig, DataSource
-from ftscale.data.formats import to_example
-from ftscale.data.packing import Row, pack_examples, single_rows
+from ftscale.data.examples import DataStats, describe
+from ftscale.data.mixing import mix
+from ftscale.data.packing import best_fit_rows, greedy_rows
+from ftscale.data.rows import StoreRows
 from ftscale.data.sources import DataError, read_rows
-from ftscale.data.tokenize import TokenizedExample, tokenize_example
+from ftscale.data.store_build import ensure_store, request_for, tokenized_chunks
+from ftscale.data.store_ranks import build_once
+from ftscale.data.token_store import MANIFEST, TokenStore
+from ftscale.data.tokenize import TokenizedExample
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataStats:
-    examples: int = 0
-    skipped: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    no_loss: int = 0
-    tokens: int = 0
-    loss_tokens: int = 0
-    skipped_where: list[str] = field(default_factory=list)
+log = logging.getLogger("ftscale")
 
 
 def tokenize_sources(sources: list[DataSource], cfg: DataConfig, tokenizer) -> tuple[list[TokenizedExample], DataStats]:
-    stats = DataStats()
-    out: list[TokenizedExample] = []
+    """Every source's admitted examples in memory, in order, without a store: for small files (`ftscale compare`)."""
+    stats, out = DataStats(), []
     for source in sources:
-        for item in read_rows(source):
-            try:
-                if isinstance(item.row, DataError):
-                    raise item.row
-                ex = tokenize_example(to_example(item.row, source.format, item.where), tokenizer, cfg.train_on, item.where)
-            except DataError as e:
-                if cfg.on_error == "raise":
-                    raise DataError(f"{e}\n  (set data.on_error=skip to skip malformed rows and count them)") from None
-                stats.skipped += 1
-                stats.skipped_where.append(str(e))
-                continue
-            if len(ex.input_ids) > cfg.max_seq_len:
-                if cfg.overlong == "drop":
-                    stats.dropped += 1
-                    continue
-                stats.truncated += 1
-                ex = TokenizedExample(ex.input_ids[: cfg.max_seq_len], ex.labels[: cfg.max_seq_len])
-            if ex.loss_tokens == 0:
-                stats.no_loss += 1  # e.g. truncation cut off the whole reply
-                continue
-            stats.examples += 1
-            stats.tokens += len(ex.input_ids)
-            stats.loss_tokens += ex.loss_tokens
-            out.append(ex)
+        for chunk in tokenized_chunks(read_rows(source), source.format, cfg, tokenizer, workers=0):
+            stats.add(chunk.stats)
+            out += [TokenizedExample.from_encoded(e) for e in chunk.examples()]
     if stats.skipped:
         log.warning("skipped %d malformed rows; first: %s", stats.skipped, stats.skipped_where[0])
     return out, stats
 
 
-def describe(stats: DataStats) -> str:
-    """The counts in words, for logs and errors."""
-    parts = [f"{stats.examples} usable examples ({stats.tokens} tokens, {stats.loss_tokens} with loss)"]
-    for count, what in (
-        (stats.skipped, "malformed rows skipped"),
-        (stats.truncated, "truncated to data.max_seq_len"),
-        (stats.dropped, "dropped as longer than data.max_seq_len"),
-        (stats.no_loss, "dropped with no token to learn from"),
-    ):
-        if count:
-            parts.append(f"{count} {what}")
-    return ", ".join(parts)
+def open_stores(sources: list[DataSource], cfg: DataConfig, tokenizer, rank: int = 0) -> list[TokenStore]:
+    """Each source's token store, built on the builder ranks if it is missing or damaged, then opened on every rank."""
+    requests = [request_for(s, cfg, tokenizer) for s in sources]
+
+    def build() -> None:
+        for request in requests:
+            ensure_store(request, cfg, tokenizer)
+
+    build_once(Path(cfg.cache_dir), [r.folder.name for r in requests], rank, build)
+    for r in requests:
+        if not (r.folder / MANIFEST).is_file():  # a host that no builder served (its ranks share a name with another)
+            raise DataError(f"{r.folder}: the token store of {r.source.path} was not built for rank {rank}: see the builders' logs")
+    return [TokenStore(r.folder) for r in requests]
 
 
-def _rows(examples: list[TokenizedExample], cfg: DataConfig) -> list[Row]:
-    return pack_examples(examples, cfg.max_seq_len) if cfg.packing else single_rows(examples)
+def summed_stats(stores: list[TokenStore]) -> DataStats:
+    total = DataStats()
+    for store in stores:
+        total.add(DataStats(**store.stats))
+    return total
 
 
 def _no_examples(what: str, sources: list[DataSource], stats: DataStats, detail: str = "") -> DataError:
@@ -84,32 +63,56 @@ def _no_examples(what: str, sources: list[DataSource], stats: DataStats, detail:
     return DataError(f"the {what} data has no usable example after reading {names}: {describe(stats)}{detail}")
 
 
-def build_rows(sources: list[DataSource], cfg: DataConfig, tokenizer, what: str) -> tuple[list[Row], DataStats]:
-    examples, stats = tokenize_sources(sources, cfg, tokenizer)
-    if not examples:
-        raise _no_examples(what, sources, stats)
-    return _rows(examples, cfg), stats
+def _rows(stores: list[TokenStore], stream: np.ndarray, cfg: DataConfig, seed: int) -> StoreRows:
+    """Rows over the examples `stream` (numbered across `stores`), packed per data.packer or one per row."""
+    lengths = np.concatenate([s.lengths for s in stores])[stream]
+    if not cfg.packing:
+        return StoreRows(stores, stream, np.arange(len(stream) + 1), packed=False)
+    if cfg.packer == "greedy":
+        return StoreRows(stores, stream, greedy_rows(lengths, cfg.max_seq_len), packed=True)
+    order, bounds = best_fit_rows(lengths, cfg.max_seq_len, seed, cfg.pack_window)
+    return StoreRows(stores, stream[order], bounds, packed=True)
 
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Row], list[Row], DataStats]:
-    """Training rows, held-out rows (data.eval plus a seeded data.eval_fraction of the training examples; may be
-    empty) and the training data's counts."""
+@dataclass
+class Datasets:
+    train: StoreRows
+    eval: StoreRows | None  # None: no held-out data
+    stats: DataStats  # of the training sources
+    mixture: list[str]  # per training source: usable examples and how many the training stream holds
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, rank: int = 0) -> Datasets:
+    """Training rows, held-out rows (data.eval plus a seeded data.eval_fraction of the training examples) and the
+    training data's counts."""
     if not cfg.train:
         raise DataError(
             "no training data: set data.train to your files, e.g. `data: {train: [{path: my.jsonl}]}` in the config "
             "or the override data.train=[{path: my.jsonl}] (.jsonl, .json, .parquet, .csv or a datasets folder)"
         )
-    examples, stats = tokenize_sources(cfg.train, cfg, tokenizer)
-    held_out: list[TokenizedExample] = []
-    if cfg.eval_fraction and examples:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-        n = max(1, round(cfg.eval_fraction * len(examples)))
-        chosen = set(order[:n])
-        held_out = [ex for i, ex in enumerate(examples) if i in chosen]
-        examples = [ex for i, ex in enumerate(examples) if i not in chosen]
-    if not examples:
-        held = f"; data.eval_fraction={cfg.eval_fraction} held out all {len(held_out)} of them" if held_out else ""
+    stores = open_stores(cfg.train + cfg.eval, cfg, tokenizer, rank)
+    train_stores, eval_stores = stores[: len(cfg.train)], stores[len(cfg.train) :]
+    stats = summed_stats(train_stores)
+    starts = np.cumsum([0] + [len(s) for s in train_stores])
+    everything = np.arange(starts[-1])
+    held_out = np.zeros(0, np.int64)
+    if cfg.eval_fraction and len(everything):
+        order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed)).numpy()
+        held_out = np.sort(order[: max(1, round(cfg.eval_fraction * len(everything)))])
+    available = np.setdiff1d(everything, held_out)
+    if not len(available):
+        held = f"; data.eval_fraction={cfg.eval_fraction} held out all {len(held_out)} of them" if len(held_out) else ""
         raise _no_examples("training", cfg.train, stats, held)
-    eval_rows = build_rows(cfg.eval, cfg, tokenizer, "eval")[0] if cfg.eval else []
-    eval_rows += _rows(held_out, cfg) if held_out else []
-    return _rows(examples, cfg), eval_rows, stats
+    per_source = [available[(available >= a) & (available < b)] for a, b in zip(starts, starts[1:], strict=False)]
+    weights = [s.weight for s in cfg.train] if cfg.train[0].weight is not None else None
+    mixed = mix(per_source, weights, seed, [s.path for s in cfg.train])
+    mixture = [
+        f"{s.path}: {len(pool)} usable, {len(m)} in the training stream ({len(m) / max(len(pool), 1):.2f}x)"
+        for s, pool, m in zip(cfg.train, per_source, mixed, strict=True)
+    ]
+    train = _rows(train_stores, np.concatenate(mixed), cfg, seed)
+    eval_stream = np.concatenate([held_out, starts[-1] + np.arange(sum(len(s) for s in eval_stores))])
+    if eval_stores and not sum(len(s) for s in eval_stores):
+        raise _no_examples("eval", cfg.eval, summed_stats(eval_stores))
+    eval_rows = _rows(stores, eval_stream, cfg, seed) if len(eval_stream) else None
+    return Datasets(train, eval_rows, stats, mixture)

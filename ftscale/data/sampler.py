@@ -6,13 +6,15 @@ fixes the data position: (epoch, offset) is all a checkpoint needs to resume it 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ftscale.data.packing import Row
+from ftscale.data.rows import StoreRows
 
 
 class StepSampler:
-    def __init__(self, rows: list[Row], micro_batch_size: int, accumulation_steps: int, rank: int, world: int, seed: int):
+    def __init__(self, rows: StoreRows, micro_batch_size: int, accumulation_steps: int, rank: int, world: int, seed: int):
         self.rows, self.micro, self.accumulation, self.rank, self.world, self.seed = (
             rows,
             micro_batch_size,
@@ -23,7 +25,7 @@ class StepSampler:
         )
         self.rows_per_step = micro_batch_size * world * accumulation_steps
         self.steps_per_epoch = len(rows) // self.rows_per_step
-        self._order: list[int] = []  # this epoch's permutation, drawn once per epoch
+        self._order = np.zeros(0, np.int64)  # this epoch's permutation, drawn once per epoch (8 bytes a row)
         self._order_epoch: int | None = None
 
     def position(self, step: int) -> tuple[int, int]:
@@ -31,12 +33,12 @@ class StepSampler:
         epoch, index = divmod(step, self.steps_per_epoch)
         return epoch, index * self.rows_per_step
 
-    def _step_order(self, step: int) -> list[int]:
+    def _step_order(self, step: int) -> np.ndarray:
         """The row indices of optimizer step `step` (0-based), all ranks and micro-batches, in order."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._order_epoch != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._order, self._order_epoch = torch.randperm(len(self.rows), generator=generator).tolist(), epoch
+            self._order, self._order_epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
         return self._order[index * self.rows_per_step : (index + 1) * self.rows_per_step]
 
     def micro_batches(self, step: int) -> list[list[Row]]:
@@ -50,7 +52,7 @@ class StepSampler:
     def step_loss_tokens(self, step: int) -> int:
         """Loss tokens of the whole step on all ranks: every rank holds every row, so no collective is needed to
         normalise the gradient by it."""
-        return sum(self.rows[i].loss_tokens for i in self._step_order(step))
+        return int(self.rows.loss_tokens[self._step_order(step)].sum())
 
     def resume_problem(self, rows_per_step: int, num_rows: int) -> str | None:
         """Why a checkpoint written with `rows_per_step` rows per step over `num_rows` rows cannot continue this data
@@ -62,5 +64,8 @@ class StepSampler:
                 f"{self.world} processes set micro_batch_size x gradient_accumulation_steps = {rows_per_step / self.world:g}"
             )
         if num_rows != len(self.rows):
-            return f"the training data had {num_rows} rows, now {len(self.rows)}: the data changed"
+            return (
+                f"the training data had {num_rows} rows, now {len(self.rows)}: the data changed (a run started before "
+                "ftscale 0.2 packed greedily: resume it with data.packer=greedy)"
+            )
         return None

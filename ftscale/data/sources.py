@@ -23,29 +23,42 @@ class DataError(FtscaleError, ValueError):
 class SourceRow:
     where: str  # "file.jsonl:12" or "folder[row 3]": shown in every error about this row
     row: Any
+    # True: `row` is a JSON line, parsed by `parse()` in whichever process tokenizes it (bytes when not UTF-8).
+    line: bool = False
+
+    def parse(self) -> Any:
+        """The row object; a line that is not UTF-8 JSON raises a DataError naming it."""
+        if not self.line:
+            return self.row
+        if isinstance(self.row, bytes):
+            raw = self.row
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{self.where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+                ) from None
+        try:
+            return json.loads(self.row)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{self.where}: JSON nested too deeply to read") from None
 
 
 def _jsonl(path: Path) -> Iterator[SourceRow]:
-    # Read by hand rather than through `datasets`: a bad line must be reported with its line number. Bytes are
-    # decoded line by line so that one line that is not UTF-8 is a bad row (skippable), not a failed file.
+    # Read by hand rather than through `datasets`: a bad line must be reported with its line number. Lines are
+    # streamed (a file larger than memory never sits in it); JSON is parsed where the row is tokenized (a worker
+    # process). A line that is not UTF-8 is a bad row (skippable), not a bad file.
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may start the file
-            except UnicodeDecodeError as e:
-                yield SourceRow(
-                    where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8")
-                )
+            except UnicodeDecodeError:
+                yield SourceRow(f"{path}:{n}", raw, line=True)
                 continue
-            if not line.strip():
-                continue
-            try:
-                yield SourceRow(where, json.loads(line))
-            except json.JSONDecodeError as e:
-                yield SourceRow(where, DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
-            except RecursionError:
-                yield SourceRow(where, DataError(f"{where}: JSON nested too deeply to read"))
+            if line.strip():
+                yield SourceRow(f"{path}:{n}", line, line=True)
 
 
 def _json(path: Path) -> Iterator[SourceRow]:
@@ -87,14 +100,42 @@ def _read_table(reader, path: Path, kind: str):
         quiet.setLevel(level)
 
 
+def source_kind(source: DataSource) -> str:
+    """ "file", "folder" or "hub" (a dataset name such as "org/name", from the local cache when offline); a path
+    that names a missing file is a DataError, not a hub lookup."""
+    path = Path(source.path)
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        return "folder"
+    if (
+        path.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv")
+        or path.is_absolute()
+        or source.path.startswith(".")
+        or len(path.parts) > 2
+    ):
+        raise DataError(f"{path}: no such file or folder")
+    return "hub"
+
+
+def load_hub_dataset(source: DataSource):
+    import datasets
+
+    try:
+        return datasets.load_dataset(source.path, split=source.split)
+    except (OSError, ValueError, ConnectionError) as e:  # the hub's not-found and offline errors
+        raise DataError(f"{source.path}: no such file or folder, nor a hub dataset ({first_line(e)})") from None
+
+
 def read_rows(source: DataSource) -> Iterator[SourceRow]:
-    """Rows of one source in file order. Errors of single rows are yielded as `DataError` rows so that the
-    caller decides (raise or skip); errors about the whole source are raised."""
+    """Rows of one source in file order. Errors of single rows are raised by `SourceRow.parse` or later, so that
+    the caller decides (raise or skip); errors about the whole source are raised here."""
     import datasets
 
     path = Path(source.path)
     suffix = path.suffix.lower()
-    if path.is_file():
+    kind = source_kind(source)
+    if kind == "file":
         if suffix == ".jsonl":
             yield from _jsonl(path)
         elif suffix == ".json":
@@ -105,7 +146,7 @@ def read_rows(source: DataSource) -> Iterator[SourceRow]:
             yield from _table(_read_table(datasets.Dataset.from_csv, path, "CSV"), str(path), first_row_line=2)  # line 1: header
         else:
             raise DataError(f"{path}: unsupported file type '{suffix}': use .jsonl, .json, .parquet or .csv")
-    elif path.is_dir():
+    elif kind == "folder":
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as e:
@@ -117,11 +158,5 @@ def read_rows(source: DataSource) -> Iterator[SourceRow]:
                 raise DataError(f"{path}: has no split '{source.split}' (it has {', '.join(loaded)}); set split: in the source")
             loaded = loaded[source.split]
         yield from _table(loaded, str(path))
-    elif suffix in (".jsonl", ".json", ".parquet", ".csv") or path.is_absolute() or source.path.startswith(".") or len(path.parts) > 2:
-        raise DataError(f"{path}: no such file or folder")
-    else:  # a hub dataset name such as "org/name" (from the local cache when offline)
-        try:
-            loaded = datasets.load_dataset(source.path, split=source.split)
-        except (OSError, ValueError, ConnectionError) as e:  # the hub's not-found and offline errors
-            raise DataError(f"{path}: no such file or folder, nor a hub dataset ({first_line(e)})") from None
-        yield from _table(loaded, source.path)
+    else:
+        yield from _table(load_hub_dataset(source), source.path)

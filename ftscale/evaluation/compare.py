@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftscale.config.data import DataConfig, DataSource
-from ftscale.data import ensure_pad_token, tokenize_sources
+from ftscale.data import IGNORE_INDEX, ensure_pad_token, tokenize_sources
 from ftscale.data.formats import to_example
-from ftscale.data.packing import single_rows
+from ftscale.data.packing import collate, packed_row
 from ftscale.data.sources import DataError, read_rows
 from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import load_adapter
@@ -42,7 +43,8 @@ def heldout_loss(model, tokenizer, data: str) -> float:
     cfg = DataConfig(train=[], eval=[], packing=False, max_seq_len=2048)
     examples, _ = tokenize_sources([DataSource(path=data)], cfg, tokenizer)
     device = next(model.parameters()).device
-    sums = [summed_loss(model, [row], tokenizer.pad_token_id, False, device) for row in single_rows(examples)]
+    rows = [packed_row([(np.asarray(ex.input_ids), np.asarray(ex.labels) != IGNORE_INDEX)], packed=False) for ex in examples]
+    sums = [summed_loss(model, [row], lambda rows: collate(rows, tokenizer.pad_token_id, packed=False), device) for row in rows]
     if not sum(n for _, n in sums):
         raise DataError(f"{data}: no example with an answer to take a loss on")
     return sum(s for s, _ in sums) / sum(n for _, n in sums)
@@ -64,9 +66,7 @@ def conversations(data: str, limit: int | None) -> list[list[dict]]:
     """Chat rows whose last message is the assistant's reference answer."""
     chats = []
     for item in read_rows(DataSource(path=data)):
-        if isinstance(item.row, DataError):
-            raise item.row
-        messages = to_example(item.row, "messages", item.where).messages
+        messages = to_example(item.parse(), "messages", item.where).messages
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{item.where}: the last message must be the assistant's reference answer")
         chats.append(messages)

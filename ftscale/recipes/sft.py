@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from ftscale.atomic_files import partial_folder, replace_folder, write_text_atomically
 from ftscale.checkpoint import CheckpointStore, PreemptionWatcher, TrainerState
 from ftscale.config import ConfigError, FtscaleConfig, render_config
-from ftscale.data import StepSampler, build_datasets, collate, describe
+from ftscale.data import Row, StepSampler, build_datasets, collate, describe
 from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.backend import build_backend
 from ftscale.distributed.launch import read_launch_settings
@@ -81,7 +81,8 @@ class SFTRecipe:
     def _setup_data(self) -> None:
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.training
         self.tokenizer, self.added_tokens = load_tokenizer(cfg.model)
-        self.train_rows, self.eval_rows, self.train_stats = build_datasets(cfg.data, self.tokenizer, t.seed)
+        data = build_datasets(cfg.data, self.tokenizer, t.seed, acc.process_index)
+        self.train_rows, self.eval_rows, self.train_stats = data.train, data.eval, data.stats
         self.sampler = StepSampler(
             self.train_rows, t.micro_batch_size, t.gradient_accumulation_steps, acc.process_index, acc.num_processes, t.seed
         )
@@ -91,12 +92,15 @@ class SFTRecipe:
                 "(micro_batch_size x processes x gradient_accumulation_steps): lower those or add data"
             )
         self.total_steps = t.max_steps or self.sampler.steps_per_epoch * t.epochs
+        for line in data.mixture if len(data.mixture) > 1 else []:
+            log.info("mix: %s", line)
         log.info(
-            "data: %s -> %d training rows (packing=%s), %d held-out rows",
+            "data: %s -> %d training rows (packing=%s, %.1f%% full), %d held-out rows",
             describe(self.train_stats),
             len(self.train_rows),
-            cfg.data.packing,
-            len(self.eval_rows),
+            cfg.data.packing and cfg.data.packer,
+            100 * self.train_rows.fill(cfg.data.max_seq_len),
+            len(self.eval_rows or ()),
         )
 
     def _setup_model(self) -> None:
@@ -149,6 +153,9 @@ class SFTRecipe:
         acc.backward(out.loss * scale)
         return out.loss.detach().item()
 
+    def _collate(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        return collate(rows, self.tokenizer.pad_token_id, self.cfg.data.packing, self.cfg.data.padding_free)
+
     def train_step(self, step: int) -> dict[str, float]:
         """Optimizer step `step` (0-based) on this rank's micro-batches. Returns this rank's summed token loss and
         input tokens, the step's loss tokens on all ranks, and the gradient norm (already global) when clipping."""
@@ -159,7 +166,7 @@ class SFTRecipe:
         # accelerate's backward() divides by the accumulation steps: both are undone here.
         step_tokens, loss_sum, tokens = self.sampler.step_loss_tokens(step), 0.0, 0
         for k, rows in enumerate(micro_batches):
-            batch, count = collate(rows, self.tokenizer.pad_token_id, self.cfg.data.packing), sum(r.loss_tokens for r in rows)
+            batch, count = self._collate(rows), sum(r.loss_tokens for r in rows)
             with self.backend.micro_batch(self.model, k, len(micro_batches)):
                 loss = self.forward_backward(batch, count * acc.num_processes * t.gradient_accumulation_steps / step_tokens)
             loss_sum += loss * count
@@ -222,15 +229,13 @@ class SFTRecipe:
             return None
         acc, mb = self.accelerator, self.cfg.training.micro_batch_size
         self.model.eval()
-        shard = self.eval_rows[acc.process_index :: acc.num_processes]
+        shard = range(acc.process_index, len(self.eval_rows), acc.num_processes)
         # Every rank runs the same number of forwards (sharded backends need it); short shards repeat a row at weight 0.
         n_batches = math.ceil(math.ceil(len(self.eval_rows) / acc.num_processes) / mb)
         loss_sum = count_sum = 0.0
         for i in range(n_batches):
-            rows = shard[i * mb : (i + 1) * mb]
-            loss, count = summed_loss(
-                self.model, rows or self.eval_rows[:1], self.tokenizer.pad_token_id, self.cfg.data.packing, acc.device
-            )
+            rows = [self.eval_rows[r] for r in shard[i * mb : (i + 1) * mb]]
+            loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device)
             if rows:
                 loss_sum, count_sum = loss_sum + loss, count_sum + count
         self.backend.after_eval(self.model)
