@@ -215,13 +215,9 @@ def _build(request: StoreRequest, cfg: DataConfig, tokenizer, workers: int) -> N
     record_verified(request.folder)  # its checksums were computed as it was written: the first start needs no re-hash
     seconds = progress.done()
     rows = stats.examples + stats.skipped + stats.dropped + stats.no_loss
+    how = f"{workers} worker processes" if workers > 1 and rows > CHUNK_ROWS else "in process"  # one chunk starts none
     log.info(
-        "built token store %s in %.1f s (%.0f examples/s, %d workers): %s",
-        request.folder,
-        seconds,
-        rows / max(seconds, 1e-9),
-        workers,
-        describe(stats),
+        "built token store %s in %.1f s (%.0f examples/s, %s): %s", request.folder, seconds, rows / max(seconds, 1e-9), how, describe(stats)
     )
     if stats.skipped:
         log.warning("skipped %d malformed rows of %s; first: %s", stats.skipped, request.source.path, stats.skipped_where[0])
