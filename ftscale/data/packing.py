@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from ftscale.data.tokenize import IGNORE_INDEX
+from ftscale.data.tokenize import IGNORE_INDEX, count_loss_tokens
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Row:
 
     @cached_property  # a frozen dataclass still has an instance __dict__ for it; counted once per row
     def loss_tokens(self) -> int:
-        return int((self.labels[1:] != IGNORE_INDEX).sum())  # the model shifts labels: the first never counts
+        return count_loss_tokens(self.labels)
 
 
 def greedy_rows(lengths: np.ndarray, max_len: int) -> np.ndarray:

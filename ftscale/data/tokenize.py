@@ -45,8 +45,9 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 def count_loss_tokens(labels) -> int:
-    """Tokens the loss is taken on: the model shifts labels by one, so the first label never counts."""
-    return sum(label != IGNORE_INDEX for label in labels[1:])
+    """Tokens the loss is taken on (labels: a list or an array): the model shifts labels by one, so the first label
+    never counts."""
+    return int(np.count_nonzero(np.asarray(labels)[1:] != IGNORE_INDEX))
 
 
 class Encoded(NamedTuple):
