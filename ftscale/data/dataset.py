@@ -14,7 +14,7 @@ from ftscale.config.data import DataConfig, DataSource
 from ftscale.data.examples import DataStats, describe
 from ftscale.data.mixing import mix
 from ftscale.data.packing import best_fit_rows, greedy_rows
-from ftscale.data.rows import StoreRows
+from ftscale.data.rows import StoreRows, per_example
 from ftscale.data.sources import DataError, read_rows
 from ftscale.data.store_build import ensure_store, request_for, tokenized_chunks
 from ftscale.data.store_ranks import build_once
@@ -65,7 +65,7 @@ def _no_examples(what: str, sources: list[DataSource], stats: DataStats, detail:
 
 def _rows(stores: list[TokenStore], stream: np.ndarray, cfg: DataConfig, seed: int) -> StoreRows:
     """Rows over the examples `stream` (numbered across `stores`), packed per data.packer or one per row."""
-    lengths = np.concatenate([s.lengths for s in stores])[stream]
+    lengths = per_example(stores, "lengths", stream)
     if not cfg.packing:
         return StoreRows(stores, stream, np.arange(len(stream) + 1), packed=False)
     if cfg.packer == "greedy":

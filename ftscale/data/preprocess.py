@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ftscale.config import FtscaleConfig
 from ftscale.data.dataset import build_datasets
 from ftscale.data.packing import greedy_rows
+from ftscale.data.rows import per_example
 from ftscale.data.store_build import ensure_store, request_for
 from ftscale.data.token_store import TokenStore
 from ftscale.model.loading import load_tokenizer
@@ -37,8 +36,7 @@ def preprocess(cfg: FtscaleConfig) -> dict:
         )
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     train = data.train
-    lengths = np.concatenate([s.lengths for s in train.stores])[train.examples]
-    greedy = greedy_rows(lengths, cfg.data.max_seq_len)
+    greedy = greedy_rows(per_example(train.stores, "lengths", train.examples), cfg.data.max_seq_len)
     return {
         "sources": sources,
         "train": {

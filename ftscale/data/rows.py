@@ -8,6 +8,11 @@ from ftscale.data.packing import Row, packed_row
 from ftscale.data.token_store import TokenStore
 
 
+def per_example(stores: list[TokenStore], name: str, examples: np.ndarray) -> np.ndarray:
+    """A per-example array of the stores (`lengths` or `loss_tokens`) for `examples`, numbered across `stores`."""
+    return np.concatenate([getattr(s, name) for s in stores] + [np.zeros(0, np.int64)])[examples]
+
+
 class StoreRows:
     """Row r holds the examples `examples[bounds[r]:bounds[r+1]]`, numbered across `stores` in order (store 0's
     examples first). A row's tokens are read from the stores' memory maps when it is indexed."""
@@ -15,11 +20,9 @@ class StoreRows:
     def __init__(self, stores: list[TokenStore], examples: np.ndarray, bounds: np.ndarray, packed: bool):
         self.stores, self.examples, self.bounds, self.packed = stores, examples, bounds, packed
         self._starts = np.cumsum([0] + [len(s) for s in stores])
-        per_example = np.concatenate([s.loss_tokens for s in stores] + [np.zeros(0, np.int64)])[examples]
-        self.loss_tokens = np.add.reduceat(per_example, bounds[:-1]) if len(examples) else np.zeros(0, np.int64)
-        lengths = np.concatenate([s.lengths for s in stores] + [np.zeros(0, np.int64)])[examples]
-        self.tokens = int(lengths.sum())
-        self.longest = int(np.maximum.reduceat(lengths, bounds[:-1]).max()) if len(examples) else 0
+        loss = per_example(stores, "loss_tokens", examples)
+        self.loss_tokens = np.add.reduceat(loss, bounds[:-1]) if len(examples) else np.zeros(0, np.int64)
+        self.tokens = int(per_example(stores, "lengths", examples).sum())
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
