@@ -1,4 +1,4 @@
-"""The `ftscale` command line: train, preprocess, config show/get, import-gguf, export-adapter, merge, compare."""
+"""The `ftscale` command line: train, preprocess, config show/get, import-gguf, export-adapter, merge, compare, report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ from ftscale.config import ConfigError, load_config, render_config
 from ftscale.config.method import BLOCKSIZES
 from ftscale.config.model import DEFAULT_MODEL_PATH
 from ftscale.errors import FtscaleError
+
+
+def cmd_report(args) -> int:
+    from ftscale.observability.report import render_report
+
+    out = Path(args.out) if args.out else (Path(args.runs[0]) / "report" if len(args.runs) == 1 else Path("report"))
+    png, md = render_report([Path(r) for r in args.runs], out)
+    print(md.read_text())
+    print(f"wrote {png} and {md}")
+    return 0
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -197,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--json-out", help="also write the report as JSON here")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="draw loss, learning rate, tokens/s, MFU and memory of runs (overlaid) and summarise them")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (each holds metrics.jsonl)")
+    p.add_argument("--out", help="folder for report.png and report.md (default: RUN_DIR/report for one run, ./report for several)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

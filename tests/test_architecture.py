@@ -91,6 +91,18 @@ class Rows(list):
     def loss_tokens(self) -> np.ndarray:
         return np.array([r.loss_tokens for r in self])
 
+    @property
+    def row_tokens(self) -> np.ndarray:
+        return np.array([len(r.input_ids) for r in self])
+
+    @property
+    def row_examples(self) -> np.ndarray:
+        return np.ones(len(self), np.int64)
+
+    @property
+    def row_context(self) -> np.ndarray:
+        return np.array([int((r.position_ids + 1).sum()) for r in self])
+
 
 def rows(n: int) -> Rows:
     """Rows of different lengths and loss-token counts, so any mix-up of rows changes the counts."""
@@ -113,7 +125,7 @@ def test_n_processes_see_exactly_the_rows_one_process_sees(world, micro, accumul
         for k in range(accumulation):
             assert [id(r) for s in split for r in s[k]] == [id(r) for r in whole[k]], (step, k)
         batches = [collate(b, 0, packed=False) for s in split for b in s]
-        assert ranks[0].step_loss_tokens(step) == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        assert ranks[0].step_totals(step).loss_tokens == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     epochs = [
         sorted(i for step in range(e * one.steps_per_epoch, (e + 1) * one.steps_per_epoch) for i in one._step_order(step)) for e in (0, 1)
     ]

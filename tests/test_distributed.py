@@ -60,7 +60,7 @@ def test_trains_and_the_adapter_reloads_in_one_process(backend, method, tiny_mod
     recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "check", **settings)))
     recipe.setup()
     recipe.model = load_adapter(load_base_model(recipe.cfg, torch.device("cpu")), out / "adapter")
-    assert recipe.evaluate() == pytest.approx(summary["eval_loss_after"], rel=1e-5)
+    assert recipe.evaluate()["eval/loss"] == pytest.approx(summary["eval_loss_after"], rel=1e-5)
     recipe.cleanup()
 
 

@@ -18,7 +18,7 @@ from ftscale.model.loading import load_base_model
 from ftscale.recipes.sft import SFTRecipe
 
 from conftest import REPO, tiny_overrides
-from helpers import METHOD_SETTINGS
+from helpers import METHOD_SETTINGS, train_losses
 
 
 def run_recipe(model_dir, data, out, **extra) -> SFTRecipe:
@@ -91,7 +91,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, tiny_data,
             **{"training.micro_batch_size": micro, "training.gradient_accumulation_steps": accum, "training.max_steps": 4},
         )
         recipe.train()
-        curves.append([h["train/loss"] for h in recipe.history])
+        curves.append(train_losses(recipe.history))
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_same_seed_same_run(tiny_model_dir, tiny_data, tmp_path):
     for i in range(2):
         recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path / str(i), **{"training.max_steps": 3})
         recipe.train()
-        curves.append([h["train/loss"] for h in recipe.history])
+        curves.append(train_losses(recipe.history))
     assert curves[0] == curves[1]
 
 
@@ -111,7 +111,7 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_model_dir, tiny_data, t
             tiny_model_dir, tiny_data, tmp_path / str(gc), **{"training.max_steps": 3, "training.gradient_checkpointing": gc}
         )
         recipe.train()
-        curves.append([h["train/loss"] for h in recipe.history])
+        curves.append(train_losses(recipe.history))
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
 
 

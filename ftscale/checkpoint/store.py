@@ -198,10 +198,10 @@ class CheckpointStore:
         timed = ck.every_minutes is not None and time.monotonic() - self._last_save >= 60 * ck.every_minutes
         return self.preemption.received is not None, timed
 
-    def maybe_save(self, state: TrainerState, preempted: bool, timed: bool, last_step: bool) -> None:
-        """Save if one is due after this step: preemption (then raises Preempted, for requeue), checkpoint.every_steps
-        or checkpoint.every_minutes. The last step is saved by the caller after the final evaluation. Collective;
-        `preempted` and `timed` must be the same on every rank."""
+    def maybe_save(self, state: TrainerState, preempted: bool, timed: bool) -> None:
+        """Save if one is due after this step, which is not the last: preemption (then raises Preempted, for
+        requeue), checkpoint.every_steps or checkpoint.every_minutes. The last step is saved by the caller after the
+        final evaluation. Collective; `preempted` and `timed` must be the same on every rank."""
         if preempted:
             path = self.save(state)
             signal_name = self.preemption.received or "a signal on another rank"
@@ -211,7 +211,7 @@ class CheckpointStore:
                 )
             raise Preempted(state.step, signal_name, str(path))
         every = self.cfg.checkpoint.every_steps
-        if not last_step and (timed or (every and state.step % every == 0)):
+        if timed or (every and state.step % every == 0):
             self.save(state)
 
     def save(self, state: TrainerState) -> Path:

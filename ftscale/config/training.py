@@ -32,6 +32,10 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     log_every: int = Field(1, gt=0, description="Optimizer steps between console/W&B log lines.")
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between held-out evaluations (null: only at start and end).")
+    eval_generate_examples: int = Field(
+        0, ge=0, description="Held-out examples answered greedily at each evaluation and scored by exact match (0: off)."
+    )
+    eval_generate_max_tokens: int = Field(64, gt=0, description="Most new tokens per answer in the exact-match evaluation.")
 
     @model_validator(mode="after")
     def _warmup_fraction(self):

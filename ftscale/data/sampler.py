@@ -6,11 +6,23 @@ fixes the data position: (epoch, offset) is all a checkpoint needs to resume it 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ftscale.data.packing import Row
 from ftscale.data.rows import StoreRows
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """An optimizer step's data on all ranks."""
+
+    tokens: int  # real tokens, padding excluded
+    loss_tokens: int
+    examples: int
+    attention_context: int  # sum over tokens of their causal context within their own example
 
 
 class StepSampler:
@@ -33,12 +45,14 @@ class StepSampler:
         epoch, index = divmod(step, self.steps_per_epoch)
         return epoch, index * self.rows_per_step
 
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch)).numpy()
+
     def _step_order(self, step: int) -> np.ndarray:
         """The row indices of optimizer step `step` (0-based), all ranks and micro-batches, in order."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._order_epoch != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._order, self._order_epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
+            self._order, self._order_epoch = self._epoch_order(epoch), epoch
         return self._order[index * self.rows_per_step : (index + 1) * self.rows_per_step]
 
     def micro_batches(self, step: int) -> list[list[Row]]:
@@ -49,10 +63,25 @@ class StepSampler:
             for k in range(self.accumulation)
         ]
 
-    def step_loss_tokens(self, step: int) -> int:
-        """Loss tokens of the whole step on all ranks: every rank holds every row, so no collective is needed to
-        normalise the gradient by it."""
-        return int(self.rows.loss_tokens[self._step_order(step)].sum())
+    def step_totals(self, step: int) -> StepTotals:
+        """The step's real tokens, loss tokens, examples and attention context on all ranks: every rank holds every
+        row, so neither the gradient's normalisation by loss tokens nor the step's metrics need a collective."""
+        order, rows = self._step_order(step), self.rows
+        return StepTotals(
+            int(rows.row_tokens[order].sum()),
+            int(rows.loss_tokens[order].sum()),
+            int(rows.row_examples[order].sum()),
+            int(rows.row_context[order].sum()),
+        )
+
+    def examples_before(self, step: int) -> int:
+        """Examples trained on in the first `step` optimizer steps (rows per step are fixed, examples per row not)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        full = self.steps_per_epoch * self.rows_per_step
+        seen = 0
+        for e in range(epoch + 1):
+            seen += int(self.rows.row_examples[self._epoch_order(e)[: full if e < epoch else index * self.rows_per_step]].sum())
+        return seen
 
     def resume_problem(self, rows_per_step: int, num_rows: int) -> str | None:
         """Why a checkpoint written with `rows_per_step` rows per step over `num_rows` rows cannot continue this data

@@ -25,10 +25,14 @@ from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.backend import build_backend
 from ftscale.distributed.launch import read_launch_settings
 from ftscale.errors import FtscaleError
+from ftscale.evaluation.generation import count_exact_matches, prompts_and_answers
 from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config
 from ftscale.model.loading import load_tokenizer
-from ftscale.training.metrics import MetricLogger
+from ftscale.observability.flops import device_peak_flops, model_flops
+from ftscale.observability.logger import MetricLogger
+from ftscale.observability.run_info import run_info
+from ftscale.observability.step_metrics import LocalStep, MetricsWindow, Stopwatch, reduce_step
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
@@ -76,7 +80,7 @@ class SFTRecipe:
         self._setup_model()
         self._setup_optimizer()
         self._setup_checkpoints()
-        self.metrics = MetricLogger(cfg, acc.is_main_process, self.total_steps, self.run_id)
+        self._setup_metrics()
 
     def _setup_data(self) -> None:
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.training
@@ -111,6 +115,7 @@ class SFTRecipe:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.backend.parallelize(model)
         trainable, total = self.backend.parameter_counts(self.model)
+        self.flops = model_flops(model, model.config, trainable)
         log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
 
     def _setup_optimizer(self) -> None:
@@ -144,89 +149,140 @@ class SFTRecipe:
                     "training.max_steps, or set checkpoint.resume to an earlier checkpoint"
                 )
         self.run_id = self.store.start(ckpt)
+        self.resumed_step = None if ckpt is None else self.state.step
+
+    def _setup_metrics(self) -> None:
+        """The logging window (MFU against every device's peak together) and the metrics' destinations."""
+        acc = self.accelerator
+        acc.wait_for_everyone()  # CPU ranks sharing a machine measure together: each gets its share of the cores
+        peak, source = device_peak_flops(acc.device, self.cfg.logging.peak_flops)
+        (total_peak,) = self._sum_over_ranks(peak)
+        log.info("MFU is against %.4g FLOP/s per device (%s), %.4g in all", peak, source, total_peak)
+        self.window = MetricsWindow(
+            self.flops, total_peak, acc.num_processes, self.sampler.steps_per_epoch, self.sampler.examples_before(self.state.step)
+        )
+        t = self.cfg.training
+        self.answer_prompts = prompts_and_answers(self.eval_rows, t.eval_generate_examples) if self.eval_rows else []
+        if t.eval_generate_examples and not self.answer_prompts:
+            raise ConfigError(
+                f"training.eval_generate_examples={t.eval_generate_examples}: no held-out example has a prompt before "
+                "its answer (it needs chat or prompt/completion data trained on the answer only, in data.eval or "
+                "data.eval_fraction); set it to 0"
+            )
+        info = run_info(acc.device, acc.num_processes) if acc.is_main_process else {}
+        self.metrics = MetricLogger(self.cfg, acc.is_main_process, self.total_steps, self.state.step, self.run_id, self.resumed_step, info)
 
     # ---- one step ----------------------------------------------------------------------------------------------
-    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> float:
-        """One micro-batch: forward, then backward of its mean token loss times `scale`; returns that mean."""
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """One micro-batch: forward, then backward of its mean token loss times `scale`; returns that mean, detached
+        and on the device (reading it would make the host wait for the device on every micro-batch)."""
         acc = self.accelerator
         out = self.model(**{n: v.to(acc.device) for n, v in batch.items()}, use_cache=False)
         acc.backward(out.loss * scale)
-        return out.loss.detach().item()
+        return out.loss.detach()
 
     def _collate(self, rows: list[Row]) -> dict[str, torch.Tensor]:
         return collate(rows, self.tokenizer.pad_token_id, self.cfg.data.packing, self.cfg.data.padding_free)
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """Optimizer step `step` (0-based) on this rank's micro-batches. Returns this rank's summed token loss and
-        input tokens, the step's loss tokens on all ranks, and the gradient norm (already global) when clipping."""
+    def train_step(self, step: int) -> LocalStep:
+        """Optimizer step `step` (0-based) on this rank's micro-batches; returns what this rank measured."""
         acc, t = self.accelerator, self.cfg.training
+        waited = time.perf_counter()
         micro_batches = self.sampler.micro_batches(step)
+        data_wait = time.perf_counter() - waited
         # Normalise by the loss tokens of the whole optimizer step on all ranks, so the gradient is the same however
         # the step is split into micro-batches and processes. Every backend averages gradients over processes and
         # accelerate's backward() divides by the accumulation steps: both are undone here.
-        step_tokens, loss_sum, tokens = self.sampler.step_loss_tokens(step), 0.0, 0
+        step_tokens = self.sampler.step_totals(step).loss_tokens
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        nonfinite = torch.zeros((), dtype=torch.int64, device=acc.device)
+        batch_tokens = 0
         for k, rows in enumerate(micro_batches):
+            waited = time.perf_counter()
             batch, count = self._collate(rows), sum(r.loss_tokens for r in rows)
+            data_wait += time.perf_counter() - waited
             with self.backend.micro_batch(self.model, k, len(micro_batches)):
                 loss = self.forward_backward(batch, count * acc.num_processes * t.gradient_accumulation_steps / step_tokens)
-            loss_sum += loss * count
-            tokens += batch["input_ids"].numel()
-        scalars = {"loss_sum": loss_sum, "tokens": tokens, "step_loss_tokens": step_tokens}
+            loss_sum += loss.double() * count
+            nonfinite += ~torch.isfinite(loss)
+            batch_tokens += batch["input_ids"].numel()
         norm = self.backend.clip_grad_norm(self.model, t.max_grad_norm) if t.max_grad_norm is not None else None
-        if norm is not None:
-            scalars["grad_norm"] = norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return scalars
+        return LocalStep(loss_sum, nonfinite, batch_tokens, data_wait, norm)
 
     def _sum_over_ranks(self, *values: float) -> list[float]:
         """One all-reduce for several scalars (float64: token counts stay exact)."""
-        t = torch.tensor(values, device=self.accelerator.device, dtype=torch.float64)
-        return self.accelerator.reduce(t, reduction="sum").tolist()
+        return self._all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum")
 
     # ---- loop --------------------------------------------------------------------------------------------------
     def train(self) -> None:
-        t = self.cfg.training
-        if self.state.eval_loss_before is None:
-            self.state.eval_loss_before = self.evaluate()
+        t, acc, window = self.cfg.training, self.accelerator, self.window
+        clock = Stopwatch(acc.device)
+        if self.state.step == 0 and self.eval_rows:  # the held-out figures before training (a resumed run has them)
+            evaluated = self.evaluate()
+            self.state.eval_loss_before = evaluated["eval/loss"]
+            self.state.history.append({"step": 0, **evaluated})
+            window.add_time("eval", clock.elapsed())
+            self.metrics.log(0, {**evaluated, **window.record(0)})
         self.model.train()
-        start, resumed_tokens, session_tokens, t0 = self.state.step, self.state.tokens_seen, 0.0, time.monotonic()
+        start = self.state.step
         self.store.start_clock()  # checkpoint.every_minutes counts training time, not set-up or the first evaluation
         for step in range(start, self.total_steps):
-            s = self.train_step(step)
-            now = time.monotonic()
-            # The step's scalars and every rank's checkpoint triggers, in one all-reduce.
-            loss_sum, tokens, preempted, timed = self._sum_over_ranks(s["loss_sum"], s["tokens"], *self.store.local_triggers())
-            loss, session_tokens = loss_sum / s["step_loss_tokens"], session_tokens + tokens
-            record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
-            if "grad_norm" in s:
-                record["train/grad_norm"] = s["grad_norm"]
-            record["train/tokens_per_s"] = session_tokens / (now - t0)
-            self.state.step, self.state.tokens_seen = step + 1, resumed_tokens + session_tokens
-            self.state.history.append({"step": step + 1, **record})
+            clock.start()
+            local = self.train_step(step)
+            local.compute_s = clock.elapsed()
+            # The step's figures from every rank and every rank's checkpoint triggers, in one all-reduce.
+            reduced = reduce_step(local, self.store.local_triggers(), acc.process_index, acc.num_processes, acc.device, self._all_reduce)
+            totals = self.sampler.step_totals(step)
+            loss, lr = reduced.loss_sum / totals.loss_tokens, self.scheduler.get_last_lr()[0]
+            window.add_step(reduced, totals, clock.elapsed(), lr, local.grad_norm)
+            self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + totals.tokens
+            record = {"step": step + 1, "train/loss": loss, "train/lr": lr}
+            if local.grad_norm is not None:
+                record["train/grad_norm"] = local.grad_norm
+            self.state.history.append(record)
+            self.metrics.step_done()
+            last, preempted, timed = step + 1 == self.total_steps, reduced.preempted, reduced.timed
+            evaluated = {}
             if not math.isfinite(loss):
+                self.metrics.log(step + 1, window.record(step + 1))
                 raise TrainingDiverged(f"loss became {loss} at step {step + 1}: lower training.learning_rate or check the data")
-            last = step + 1 == self.total_steps
-            if t.eval_every and (step + 1) % t.eval_every == 0 and not last and self.eval_rows:
-                record["eval/loss"] = self.evaluate()
+            if self.eval_rows and (last or (t.eval_every and (step + 1) % t.eval_every == 0)):
+                clock.start()
+                evaluated = self.evaluate()
+                record.update(evaluated)
+                window.add_time("eval", clock.elapsed())
                 self.model.train()
                 # A signal (or the save clock) that came during the evaluation counts now, not a step later.
-                preempted, timed = self._sum_over_ranks(*self.store.local_triggers())
-            if (step + 1) % t.log_every == 0 or last:
-                self.metrics.log(step + 1, record)
-            self.store.maybe_save(self.state, preempted=preempted > 0, timed=timed > 0, last_step=last)
-        self.eval_loss_after = self.evaluate()
-        if self.eval_loss_after is not None:
-            self.metrics.log(self.total_steps, {"eval/loss": self.eval_loss_after})
-        if start < self.total_steps:  # a finished run started again resumed from this very checkpoint
-            self.store.save(self.state)
+                preempted, timed = (v > 0 for v in self._sum_over_ranks(*self.store.local_triggers()))
+            clock.start()
+            try:
+                if last:  # after the final evaluation, so that it holds the final figures
+                    self.store.save(self.state)
+                else:
+                    self.store.maybe_save(self.state, preempted=preempted, timed=timed)
+            finally:  # a preemption's save raises Preempted: the steps before it are logged all the same
+                window.add_time("checkpoint", clock.elapsed())
+                if (step + 1) % t.log_every == 0 or evaluated or last or preempted:  # evaluations are always logged
+                    clock.start()
+                    self.metrics.log(step + 1, {**window.record(step + 1), **evaluated})
+                    window.add_time("logging", clock.elapsed())
+        if start < self.total_steps:
+            self.eval_loss_after = self.state.history[-1].get("eval/loss")
+        else:  # a finished run started again: nothing trained, its held-out loss is measured again
+            self.eval_loss_after = self.evaluate().get("eval/loss")
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Token-weighted held-out loss over all ranks (None without eval data)."""
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted held-out loss over all ranks, and exact match when training.eval_generate_examples is set
+        (empty without eval data)."""
         if not self.eval_rows:
-            return None
+            return {}
         acc, mb = self.accelerator, self.cfg.training.micro_batch_size
         self.model.eval()
         shard = range(acc.process_index, len(self.eval_rows), acc.num_processes)
@@ -238,9 +294,19 @@ class SFTRecipe:
             loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device)
             if rows:
                 loss_sum, count_sum = loss_sum + loss, count_sum + count
+        matches = answered = 0
+        if self.cfg.training.eval_generate_examples:
+            pairs, model = self.answer_prompts, acc.unwrap_model(self.model)
+            shard = range(acc.process_index, len(pairs), acc.num_processes)
+            matches, answered = count_exact_matches(
+                model, self.tokenizer, pairs, shard, self.cfg.training.eval_generate_max_tokens, acc.device, acc.num_processes > 1
+            )
         self.backend.after_eval(self.model)
-        loss_sum, count_sum = self._sum_over_ranks(loss_sum, count_sum)
-        return loss_sum / count_sum
+        loss_sum, count_sum, matches, answered = self._sum_over_ranks(loss_sum, count_sum, matches, answered)
+        out = {"eval/loss": loss_sum / count_sum}
+        if answered:
+            out["eval/exact_match"] = matches / answered
+        return out
 
     # ---- outputs -----------------------------------------------------------------------------------------------
     def save_adapter(self) -> Path:
@@ -255,6 +321,7 @@ class SFTRecipe:
                 self.tokenizer.save_pretrained(tmp)
                 check_saved_adapter(tmp, {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
                 replace_folder(tmp, out)
+                self.metrics.log_adapter(out)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -265,8 +332,7 @@ class SFTRecipe:
             "steps": self.total_steps,
             "eval_loss_before": self.state.eval_loss_before,
             "eval_loss_after": self.eval_loss_after,
-            "final_train_loss": history[-1]["train/loss"] if history else None,
-            "tokens_per_s": history[-1]["train/tokens_per_s"] if history else None,
+            "final_train_loss": next((h["train/loss"] for h in reversed(history) if "train/loss" in h), None),
             "data": {
                 "examples": s.examples,
                 "rows": len(self.train_rows),
