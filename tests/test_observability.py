@@ -359,3 +359,32 @@ def test_the_progress_bar_counts_from_the_resumed_step_and_keeps_log_lines_above
     progress.close()
     err = capsys.readouterr().err
     assert " 5/10 " in err and "loss=1.25" in err and "tokens_per_s=300" in err and "other" not in err
+
+
+def test_exact_match_prompts_end_where_the_last_answer_starts(tiny_model_dir, tmp_path):
+    """The in-training exact match asks each held-out example's prompt (everything before its last answer) and
+    compares with that answer, decoded: multi-turn chats keep their earlier turns in the prompt."""
+    from ftscale.data.dataset import open_stores
+    from ftscale.data.rows import StoreRows
+    from ftscale.evaluation.generation import prompts_and_answers
+
+    chats = [
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        [
+            {"role": "user", "content": "capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+            {"role": "user", "content": "and of Italy?"},
+            {"role": "assistant", "content": "Rome"},
+        ],
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    tok, _ = load_tokenizer(ModelConfig(path=str(tiny_model_dir)))
+    cfg = DataConfig(train=[DataSource(path=str(path))], max_seq_len=512, cache_dir=str(tmp_path / "cache"))
+    (store,) = open_stores(cfg.train, cfg, tok, 0)
+    pairs = prompts_and_answers(StoreRows([store], np.arange(2), np.arange(3), packed=False), 5)
+    assert [tok.decode(answer, skip_special_tokens=True).strip() for _, answer in pairs] == ["4", "Rome"]
+    prompt = tok.decode(pairs[1][0])
+    assert "and of Italy?" in prompt and "Paris" in prompt and "Rome" not in prompt
+    (first,) = prompts_and_answers(StoreRows([store], np.arange(2), np.arange(3), packed=False), 1)
+    assert np.array_equal(first[0], pairs[0][0]) and np.array_equal(first[1], pairs[0][1])
