@@ -129,7 +129,9 @@ def test_metrics_jsonl_is_the_true_history_across_a_preemption(preempted_run, ti
     frozen = layers * (hidden * hidden * 2 + hidden * hidden // 2 * 2 + 3 * hidden * inter) + hidden * vocab
     tokens = sum(len(e.input_ids) for e in examples)
     context = sum(len(e.input_ids) * (len(e.input_ids) + 1) // 2 for e in examples)  # within each example only
-    flops = (4 * frozen + 6 * trainable) * tokens + 12 * layers * hidden * context
+    loss_tokens = sum(count_loss_tokens(e.labels) for e in examples)
+    head = hidden * vocab  # the output head runs at labelled positions only (training.head_on_labels_only)
+    flops = (4 * (frozen - head) + 6 * trainable) * tokens + 4 * head * loss_tokens + 12 * layers * hidden * context
     achieved = sum(r["perf/mfu"] * r["time/train_s"] * peaks[r["step"] > stopped] for r in train)
     assert achieved == pytest.approx(flops, rel=1e-9)
     assert all(r["perf/mfu_6n"] > r["perf/mfu"] for r in train)
@@ -278,7 +280,10 @@ def test_flops_count_each_matmul_once_and_the_cpu_peak_is_measured(tiny_tokenize
     tuned = attach_adapter(model, load_config(None, ["method.name=lora"]))
     counted = model_flops(tuned, model.config, sum(p.numel() for p in tuned.parameters() if p.requires_grad))
     assert counted.frozen == base.frozen and counted.trainable > 0  # peft's wrappers are not counted again
-    assert counted.step(10, 55) == 10 * (4 * base.frozen + 6 * counted.trainable) + 12 * 2 * 64 * 55
+    assert counted.step(10, 4, 55) == 10 * (4 * base.frozen + 6 * counted.trainable) + 12 * 2 * 64 * 55
+    assert counted.head == 64 * len(tiny_tokenizer)
+    only = model_flops(tuned, model.config, counted.trainable, head_on_labels_only=True)
+    assert counted.step(10, 4, 55) - only.step(10, 4, 55) == 4 * counted.head * (10 - 4)  # the head skipped 6 positions
     assert 1e8 < measured_matmul_flops(0.05, 256) < 1e13
     names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A10": 125e12}
     assert {n: table_peak(n) for n in names} == names and table_peak("NVIDIA RTX A1000") is None  # not the A10's

@@ -31,7 +31,10 @@ BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # the 4-bit block sizes bits
 class QuantizationSection(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base (QLoRA uses NF4).")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit per weight).")
-    compute_dtype: DType = Field("float32", description="dtype the 4-bit weights are dequantised to for matmuls (bfloat16 on GPUs).")
+    compute_dtype: DType | Literal["auto"] = Field(
+        "auto",
+        description="dtype the 4-bit weights are dequantised to for matmuls; auto: bfloat16 where the device has it, else float32.",
+    )
     quant_storage: DType | Literal["uint8"] = Field(
         "uint8", description="Storage dtype of packed 4-bit weights (FSDP2 and ZeRO-3 shard uint8 as it is; FSDP1 needed the model dtype)."
     )

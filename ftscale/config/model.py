@@ -15,9 +15,13 @@ class ModelConfig(Section):
         DEFAULT_MODEL_PATH,
         description="Hugging Face model folder (or hub name where a hub is reachable); `ftscale import-gguf` makes the default.",
     )
-    dtype: DType = Field("float32", description="dtype the frozen base weights are loaded in (ignored for the 4-bit QLoRA base).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; packing uses its variable-length path (block-diagonal mask or flash varlen)."
+    dtype: DType | Literal["auto"] = Field(
+        "auto",
+        description="dtype of the frozen base weights (not the 4-bit QLoRA base); auto: bfloat16 where the device has it, else float32.",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel (packed rows use its varlen path); auto: flash_attention_2 on CUDA with flash-attn, else sdpa.",
     )
     chat_template: Literal["auto", "tokenizer", "chatml"] = Field(
         "auto", description="auto: the tokenizer's template, or ChatML when it has none; chatml: always ChatML."

@@ -28,7 +28,13 @@ class TrainingConfig(Section):
     )
     warmup_steps: float = Field(0, ge=0, description="Warmup length: steps if >= 1, a fraction of the total steps if < 1.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null disables).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision of forward/backward.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision of forward/backward; auto: bf16 where the device computes in it, else fp32."
+    )
+    head_on_labels_only: bool = Field(
+        True,
+        description="Apply the output head and the loss only at positions with a label (not for prompt methods); same loss, less compute.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     log_every: int = Field(1, gt=0, description="Optimizer steps between console/W&B log lines.")
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between held-out evaluations (null: only at start and end).")

@@ -16,6 +16,7 @@ from ftscale.data import ensure_pad_token
 from ftscale.merge.adapter_edits import read_adapter_edits
 from ftscale.merge.quantized_base import BASE_WEIGHTS, as_trained, choose_base_weights, quantized_tensors, replay_settings
 from ftscale.methods import load_adapter
+from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
 from ftscale.model.loading import load_base_model
 
 PROMPTS = ["The capital of Germany is", "Write a haiku about the sea.", "def fibonacci(n):"]
@@ -46,6 +47,7 @@ def trained_model(base: Path, adapter: Path, record: dict, vocab: int) -> torch.
     the run's settings, bitsandbytes' CPU repack off, peft's k-bit preparation), plus the adapter."""
     q = {k: record[k] for k in ("quant_type", "double_quant", "compute_dtype", "quant_storage")}
     cfg = FtscaleConfig.model_validate({"model": {"path": str(base)}, "method": {"name": "qlora", "quantization": q}})
+    cfg, _ = resolve_auto(cfg, DeviceCapabilities.detect())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return load_adapter(load_base_model(cfg, device, vocab_size=vocab), adapter).eval()
 

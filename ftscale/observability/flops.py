@@ -1,7 +1,8 @@
 """Model FLOPs of a PEFT training step and the peak they are divided by (perf/mfu). The formula is in
 docs/dashboard.md; in short, per real token:
 
-    4 * N_frozen      the frozen base: forward 2N, backward through the activations 2N, no weight gradients
+    4 * N_frozen      the frozen base: forward 2N, backward through the activations 2N, no weight gradients;
+                      its output head only at labelled positions when the recipe computes it only there
   + 6 * N_trainable   the adapter: forward, activation gradients and its own weight gradients
   + 12 * L * d * c    attention of a token at causal context c (its position in its own example) in each of L
                       layers of query width d: QK^T and AV forward (4cd), twice that backward
@@ -55,18 +56,21 @@ def table_peak(device_name: str) -> float | None:
 
 @dataclass(frozen=True)
 class ModelFlops:
-    frozen: int  # matmul weights that do not train
+    frozen: int  # matmul weights that do not train, the output head included
     trainable: int  # parameters that train (the adapter)
     layers: int
     attention_width: int  # query heads x head dim
+    head: int = 0  # the output head's matmul weights (vocabulary x hidden)
+    head_on_labels_only: bool = False  # training.head_on_labels_only: the head runs at labelled positions only
 
-    def per_token(self, six_n: bool = False) -> int:
-        """Matmul FLOPs per token; `six_n`: as peer tools count them, 6 per parameter of the whole model."""
-        return 6 * (self.frozen + self.trainable) if six_n else 4 * self.frozen + 6 * self.trainable
-
-    def step(self, tokens: int, attention_context: int, six_n: bool = False) -> float:
-        """FLOPs of training on `tokens` real tokens whose causal contexts sum to `attention_context`."""
-        return float(self.per_token(six_n)) * tokens + 12.0 * self.layers * self.attention_width * attention_context
+    def step(self, tokens: int, loss_tokens: int, attention_context: int, six_n: bool = False) -> float:
+        """FLOPs of training on `tokens` real tokens, `loss_tokens` of them labelled, whose causal contexts sum to
+        `attention_context`. `six_n`: as peer tools count them, 6 per parameter of the whole model at every token."""
+        attention = 12.0 * self.layers * self.attention_width * attention_context
+        if six_n:
+            return 6.0 * (self.frozen + self.trainable) * tokens + attention
+        head_tokens = loss_tokens if self.head_on_labels_only else tokens
+        return (4.0 * (self.frozen - self.head) + 6.0 * self.trainable) * tokens + 4.0 * self.head * head_tokens + attention
 
 
 def _matmul_size(module: torch.nn.Module) -> int | None:
@@ -80,13 +84,14 @@ def _matmul_size(module: torch.nn.Module) -> int | None:
     return None
 
 
-def model_flops(model: torch.nn.Module, model_config, trainable: int) -> ModelFlops:
+def model_flops(model: torch.nn.Module, model_config, trainable: int, head_on_labels_only: bool = False) -> ModelFlops:
     """`trainable`: the adapter's parameter count (the backend's, which knows partitioned sizes). Frozen matmul
     sizes come from the layers' declared features, which sharding and 4-bit packing leave alone."""
     frozen = sum(n for m in model.modules() if (n := _matmul_size(m)) is not None and not m.weight.requires_grad)
+    head = _matmul_size(model.get_output_embeddings()) or 0
     heads = getattr(model_config, "num_attention_heads", 0) or 0
     head_dim = getattr(model_config, "head_dim", None) or (getattr(model_config, "hidden_size", 0) // heads if heads else 0)
-    return ModelFlops(frozen, trainable, getattr(model_config, "num_hidden_layers", 0) or 0, heads * head_dim)
+    return ModelFlops(frozen, trainable, getattr(model_config, "num_hidden_layers", 0) or 0, heads * head_dim, head, head_on_labels_only)
 
 
 def measured_matmul_flops(seconds: float = 0.2, size: int = 1024) -> float:

@@ -84,8 +84,8 @@ class MetricsWindow:
             ("tokens", totals.tokens),
             ("examples", totals.examples),
             ("batch_tokens", step.batch_tokens),
-            ("flops", self.flops.step(totals.tokens, totals.attention_context)),
-            ("flops_6n", self.flops.step(totals.tokens, totals.attention_context, six_n=True)),
+            ("flops", self.flops.step(totals.tokens, totals.loss_tokens, totals.attention_context)),
+            ("flops_6n", self.flops.step(totals.tokens, totals.loss_tokens, totals.attention_context, six_n=True)),
             ("nonfinite_losses", step.nonfinite),
             ("data_wait_s", float(step.per_rank["data_wait_s"].max())),
         ):

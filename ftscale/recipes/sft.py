@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from ftscale.atomic_files import partial_folder, replace_folder, write_text_atomically
 from ftscale.checkpoint import CheckpointStore, PreemptionWatcher, TrainerState
 from ftscale.config import ConfigError, FtscaleConfig, render_config
+from ftscale.config.method import PROMPT_METHOD_NAMES
 from ftscale.data import Row, StepSampler, build_datasets, collate, describe
 from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.backend import build_backend
@@ -28,11 +29,13 @@ from ftscale.errors import FtscaleError
 from ftscale.evaluation.generation import count_exact_matches, prompts_and_answers
 from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config
+from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
 from ftscale.model.loading import load_tokenizer
 from ftscale.observability.flops import device_peak_flops, model_flops
 from ftscale.observability.logger import MetricLogger
 from ftscale.observability.run_info import run_info
 from ftscale.observability.step_metrics import LocalStep, MetricsWindow, Stopwatch, reduce_step
+from ftscale.training.loss import loss_on_labelled_positions
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
@@ -44,7 +47,7 @@ class TrainingDiverged(FtscaleError, FloatingPointError):
 
 class SFTRecipe:
     def __init__(self, cfg: FtscaleConfig):
-        self.cfg = cfg
+        self.cfg, self.auto_choices = resolve_auto(cfg, DeviceCapabilities.detect())  # before anything is built
         self.out = Path(cfg.training.output_dir)
         self.state = TrainerState()  # what a checkpoint saves of where training stands
         self.eval_loss_after: float | None = None
@@ -74,6 +77,8 @@ class SFTRecipe:
             write_text_atomically(self.out / "config.yaml", render_config(cfg))
         self.backend = build_backend(launch, acc, cfg)
         log.info("backend %s: %d processes, device %s", self.backend.name, acc.num_processes, acc.device)
+        if self.auto_choices:
+            log.info("auto settings for this device: %s", ", ".join(self.auto_choices))
         set_seed(cfg.training.seed)
         self.preemption = PreemptionWatcher()
         self._setup_data()
@@ -109,13 +114,15 @@ class SFTRecipe:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
+        # Prompt methods prepend virtual tokens inside peft's forward, which would shift the positions to keep.
+        self.head_on_labels_only = cfg.training.head_on_labels_only and cfg.method.name not in PROMPT_METHOD_NAMES
         model = self.backend.load_base(len(self.tokenizer) if self.added_tokens else None)
         model = attach_adapter(model, cfg)
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.backend.parallelize(model)
         trainable, total = self.backend.parameter_counts(self.model)
-        self.flops = model_flops(model, model.config, trainable)
+        self.flops = model_flops(model, model.config, trainable, self.head_on_labels_only)
         log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
 
     def _setup_optimizer(self) -> None:
@@ -173,13 +180,18 @@ class SFTRecipe:
         self.metrics = MetricLogger(self.cfg, acc.is_main_process, self.total_steps, self.state.step, self.run_id, self.resumed_step, info)
 
     # ---- one step ----------------------------------------------------------------------------------------------
-    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        """One micro-batch: forward, then backward of its mean token loss times `scale`; returns that mean, detached
-        and on the device (reading it would make the host wait for the device on every micro-batch)."""
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_tokens: int, scale: float) -> torch.Tensor:
+        """One micro-batch of `loss_tokens` labelled tokens: forward, then backward of its mean token loss times
+        `scale`; returns that mean, detached and on the device (reading it would make the host wait for the device
+        on every micro-batch)."""
         acc = self.accelerator
-        out = self.model(**{n: v.to(acc.device) for n, v in batch.items()}, use_cache=False)
-        acc.backward(out.loss * scale)
-        return out.loss.detach()
+        inputs = {n: v.to(acc.device) for n, v in batch.items()}
+        if self.head_on_labels_only:
+            loss = loss_on_labelled_positions(self.model, inputs, loss_tokens)
+        else:
+            loss = self.model(**inputs, use_cache=False).loss
+        acc.backward(loss * scale)
+        return loss.detach()
 
     def _collate(self, rows: list[Row]) -> dict[str, torch.Tensor]:
         return collate(rows, self.tokenizer.pad_token_id, self.cfg.data.packing, self.cfg.data.padding_free)
@@ -202,7 +214,7 @@ class SFTRecipe:
             batch, count = self._collate(rows), sum(r.loss_tokens for r in rows)
             data_wait += time.perf_counter() - waited
             with self.backend.micro_batch(self.model, k, len(micro_batches)):
-                loss = self.forward_backward(batch, count * acc.num_processes * t.gradient_accumulation_steps / step_tokens)
+                loss = self.forward_backward(batch, count, count * acc.num_processes * t.gradient_accumulation_steps / step_tokens)
             loss_sum += loss.double() * count
             nonfinite += ~torch.isfinite(loss)
             batch_tokens += batch["input_ids"].numel()

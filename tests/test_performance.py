@@ -1,0 +1,97 @@
+"""Performance settings that must not change what is learnt: the output head only at labelled positions, and
+`auto` dtypes, precision and attention kernel chosen from the device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ftscale.config import load_config
+from ftscale.data.packing import collate, packed_row
+from ftscale.methods import attach_adapter
+from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
+from ftscale.recipes.sft import SFTRecipe
+from ftscale.training.loss import loss_on_labelled_positions
+
+from conftest import build_tiny_model, tiny_overrides
+
+
+def rows(tokenizer_size: int) -> list:
+    """Examples of different lengths with a prompt (no loss) and an answer (loss)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for n, prompt in ((9, 4), (14, 6), (6, 2)):
+        ids = rng.integers(3, tokenizer_size, n)
+        out.append((ids, np.arange(n) >= prompt))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "padding_free"])
+def test_the_head_on_labelled_positions_gives_the_same_loss_and_gradients(layout, tiny_tokenizer):
+    model = attach_adapter(build_tiny_model(len(tiny_tokenizer)), load_config(None, ["method.name=lora", "method.lora.dropout=0"]))
+    examples = rows(len(tiny_tokenizer))
+    if layout == "packed":
+        batch_rows = [packed_row(examples[:2], packed=True), packed_row(examples[2:], packed=True)]
+    else:
+        batch_rows = [packed_row([e], packed=False) for e in examples]
+    batch = collate(batch_rows, 0, packed=layout != "padded", padding_free=layout == "padding_free")
+    count = sum(r.loss_tokens for r in batch_rows)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    projected = []
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[:-1].numel()))
+    reference, grads = loss_and_grads(lambda: model(**batch, use_cache=False).loss)
+    loss, mine = loss_and_grads(lambda: loss_on_labelled_positions(model, dict(batch), count))
+    hook.remove()
+    assert projected == [batch["input_ids"].numel(), count]  # the head ran on the labelled positions only
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    for a, b in zip(mine, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_picks_bf16_and_flash_attention_where_the_device_has_them():
+    cfg = load_config(None, ["method.name=qlora"])
+    cpu, chosen = resolve_auto(cfg, DeviceCapabilities(cuda=False, bf16=False, flash_attention=False))
+    assert (cpu.model.dtype, cpu.training.precision, cpu.method.quantization.compute_dtype, cpu.model.attn_implementation) == (
+        "float32",
+        "fp32",
+        "float32",
+        "sdpa",
+    )
+    assert chosen == [
+        "model.dtype=float32",
+        "training.precision=fp32",
+        "method.quantization.compute_dtype=float32",
+        "model.attn_implementation=sdpa",
+    ]
+    gpu, _ = resolve_auto(cfg, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True))
+    assert (gpu.model.dtype, gpu.training.precision, gpu.method.quantization.compute_dtype, gpu.model.attn_implementation) == (
+        "bfloat16",
+        "bf16",
+        "bfloat16",
+        "flash_attention_2",
+    )
+    # Values set in the config are kept, and a config without `auto` left is returned as it was.
+    explicit = load_config(None, ["model.dtype=float32", "training.precision=fp32", "model.attn_implementation=eager"])
+    kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False))
+    assert (kept.model.dtype, kept.training.precision, kept.model.attn_implementation) == ("float32", "fp32", "eager")
+    assert chosen == ["method.quantization.compute_dtype=bfloat16"]
+    assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False)) == (kept, [])
+
+
+def test_the_recipe_resolves_auto_before_it_builds_anything_and_shipped_configs_use_it(tiny_model_dir, tiny_data, tmp_path):
+    from conftest import REPO
+
+    recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path)))
+    assert recipe.cfg.model.dtype == "float32" and recipe.cfg.training.precision == "fp32"  # this CPU has no fast bf16
+    assert "model.dtype=float32" in recipe.auto_choices
+    for path in sorted((REPO / "configs/smollm2-135m").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.model.dtype == "auto" and cfg.training.precision == "auto", path
