@@ -115,6 +115,8 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, **extra) -
         "training.warmup_steps": 0,
         "training.scheduler": "constant",
         "logging.console": False,
+        "model.dtype": "float32",  # as on this CPU, whatever the machine: the tests compare fp32 numbers
+        "training.precision": "fp32",
         "logging.peak_flops": 1e11,  # spares every tiny run the start-up matmul measurement (tests/test_observability.py measures it)
     }
     values.update(extra)

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from ftscale.config import load_config
+from ftscale.config import ConfigError, load_config
 from ftscale.data.packing import collate, packed_row
 from ftscale.methods import attach_adapter
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
+from ftscale.model.loading import causal_lm
 from ftscale.recipes.sft import SFTRecipe
-from ftscale.training.loss import loss_on_labelled_positions
+from ftscale.training.loss import loss_on_labelled_positions, supports_labelled_head
 
 from conftest import build_tiny_model, tiny_overrides
 
@@ -27,9 +28,12 @@ def rows(tokenizer_size: int) -> list:
     return out
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bottleneck"])
 @pytest.mark.parametrize("layout", ["padded", "packed", "padding_free"])
-def test_the_head_on_labelled_positions_gives_the_same_loss_and_gradients(layout, tiny_tokenizer):
-    model = attach_adapter(build_tiny_model(len(tiny_tokenizer)), load_config(None, ["method.name=lora", "method.lora.dropout=0"]))
+def test_the_head_on_labelled_positions_gives_the_same_loss_and_gradients(layout, method, tiny_tokenizer):
+    settings = [f"method.name={method}"]  # dropout is 0 by default: the two passes see the same network
+    model = attach_adapter(build_tiny_model(len(tiny_tokenizer)), load_config(None, settings))
+    assert supports_labelled_head(model)
     examples = rows(len(tiny_tokenizer))
     if layout == "packed":
         batch_rows = [packed_row(examples[:2], packed=True), packed_row(examples[2:], packed=True)]
@@ -46,7 +50,7 @@ def test_the_head_on_labelled_positions_gives_the_same_loss_and_gradients(layout
         return loss.detach(), [p.grad.clone() for p in trainable]
 
     projected = []
-    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[:-1].numel()))
+    hook = causal_lm(model).lm_head.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[:-1].numel()))
     reference, grads = loss_and_grads(lambda: model(**batch, use_cache=False).loss)
     loss, mine = loss_and_grads(lambda: loss_on_labelled_positions(model, dict(batch), count))
     hook.remove()
@@ -78,20 +82,27 @@ def test_auto_picks_bf16_and_flash_attention_where_the_device_has_them():
         "bfloat16",
         "flash_attention_2",
     )
-    # Values set in the config are kept, and a config without `auto` left is returned as it was.
-    explicit = load_config(None, ["model.dtype=float32", "training.precision=fp32", "model.attn_implementation=eager"])
-    kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False))
-    assert (kept.model.dtype, kept.training.precision, kept.model.attn_implementation) == ("float32", "fp32", "eager")
-    assert chosen == ["method.quantization.compute_dtype=bfloat16"]
-    assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False)) == (kept, [])
+    # Values set in the config are kept; flash-attention only where the weights are half precision; a config without
+    # `auto` left is returned as it was.
+    explicit = load_config(None, ["model.dtype=float32", "training.precision=fp32"])
+    kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True))
+    assert (kept.model.dtype, kept.training.precision, kept.model.attn_implementation) == ("float32", "fp32", "sdpa")
+    assert chosen == ["model.attn_implementation=sdpa"]  # compute_dtype only matters (and is only shown) for QLoRA
+    assert kept.method.quantization.compute_dtype == "float32"  # fixed: LoRA checkpoints compare equal on any device
+    assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True)) == (kept, [])
+    mixed = load_config(None, ["method.name=qlora", "model.dtype=float16"])
+    with pytest.raises(ConfigError, match="auto settings for this device .*training.precision=bf16.*mixes half formats"):
+        resolve_auto(mixed, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False))
 
 
-def test_the_recipe_resolves_auto_before_it_builds_anything_and_shipped_configs_use_it(tiny_model_dir, tiny_data, tmp_path):
+def test_the_recipe_resolves_auto_for_this_machine_and_shipped_configs_say_auto(tiny_model_dir, tiny_data, tmp_path):
     from conftest import REPO
 
-    recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path)))
-    assert recipe.cfg.model.dtype == "float32" and recipe.cfg.training.precision == "fp32"  # this CPU has no fast bf16
-    assert "model.dtype=float32" in recipe.auto_choices
+    settings = {"model.dtype": "auto", "training.precision": "auto"}
+    recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path, **settings)))
+    device = DeviceCapabilities.detect()
+    assert recipe.cfg.model.dtype == ("bfloat16" if device.bf16 else "float32")
+    assert f"model.dtype={recipe.cfg.model.dtype}" in recipe.auto_choices
     for path in sorted((REPO / "configs/smollm2-135m").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.model.dtype == "auto" and cfg.training.precision == "auto", path

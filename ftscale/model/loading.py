@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import is_offline_mode
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ftscale.config import ConfigError, FtscaleConfig
 from ftscale.config.model import DEFAULT_MODEL_PATH, ModelConfig
@@ -80,3 +81,8 @@ def load_base_model(
         # Casts the remaining non-quantised parameters (norms, embeddings) to fp32 for stable training.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     return model
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel | None:
+    """The transformers model inside whatever wraps it (peft, ftscale's bottleneck adapters), or None."""
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ftscale.model.loading import causal_lm
+
 # Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets; sparsity not counted; V100 has no bf16: its
 # fp16 figure). Matched as whole words in torch.cuda.get_device_name(), most specific first.
 PEAK_BF16 = (
@@ -88,7 +90,8 @@ def model_flops(model: torch.nn.Module, model_config, trainable: int, head_on_la
     """`trainable`: the adapter's parameter count (the backend's, which knows partitioned sizes). Frozen matmul
     sizes come from the layers' declared features, which sharding and 4-bit packing leave alone."""
     frozen = sum(n for m in model.modules() if (n := _matmul_size(m)) is not None and not m.weight.requires_grad)
-    head = _matmul_size(model.get_output_embeddings()) or 0
+    inner = causal_lm(model)
+    head = (_matmul_size(inner.get_output_embeddings()) if inner is not None else None) or 0
     heads = getattr(model_config, "num_attention_heads", 0) or 0
     head_dim = getattr(model_config, "head_dim", None) or (getattr(model_config, "hidden_size", 0) // heads if heads else 0)
     return ModelFlops(frozen, trainable, getattr(model_config, "num_hidden_layers", 0) or 0, heads * head_dim, head, head_on_labels_only)

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from ftscale.atomic_files import partial_folder, replace_folder, write_text_atomically
 from ftscale.checkpoint import CheckpointStore, PreemptionWatcher, TrainerState
 from ftscale.config import ConfigError, FtscaleConfig, render_config
-from ftscale.config.method import PROMPT_METHOD_NAMES
+from ftscale.config.method import PROMPT_METHODS
 from ftscale.data import Row, StepSampler, build_datasets, collate, describe
 from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.backend import build_backend
@@ -35,7 +35,7 @@ from ftscale.observability.flops import device_peak_flops, model_flops
 from ftscale.observability.logger import MetricLogger
 from ftscale.observability.run_info import run_info
 from ftscale.observability.step_metrics import LocalStep, MetricsWindow, Stopwatch, reduce_step
-from ftscale.training.loss import loss_on_labelled_positions
+from ftscale.training.loss import loss_on_labelled_positions, supports_labelled_head
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
@@ -114,10 +114,15 @@ class SFTRecipe:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        # Prompt methods prepend virtual tokens inside peft's forward, which would shift the positions to keep.
-        self.head_on_labels_only = cfg.training.head_on_labels_only and cfg.method.name not in PROMPT_METHOD_NAMES
         model = self.backend.load_base(len(self.tokenizer) if self.added_tokens else None)
         model = attach_adapter(model, cfg)
+        # Prompt methods change the sequence inside peft's forward (virtual tokens, or prefixes in the cache).
+        self.head_on_labels_only = cfg.training.head_on_labels_only and cfg.method.name not in PROMPT_METHODS
+        if self.head_on_labels_only and not supports_labelled_head(model):
+            self.head_on_labels_only = False
+            log.info(
+                "training.head_on_labels_only: %s's forward takes no mask of positions; the head runs everywhere", type(model).__name__
+            )
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.backend.parallelize(model)
