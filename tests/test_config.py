@@ -21,9 +21,15 @@ def write(tmp_path, text: str):
 
 def test_every_shipped_config_loads():
     configs = sorted((REPO / "configs/smollm2-135m").glob("*.yaml"))
-    assert {c.stem for c in configs} == {"lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck"}
+    methods = {"lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck"}
+    assert {c.stem for c in configs} == methods | {"seed-notebook"}
     for c in configs:
-        assert load_config(c).method.name == c.stem
+        assert load_config(c).method.name == (c.stem if c.stem in methods else "lora")
+    seed = load_config(REPO / "configs/smollm2-135m/seed-notebook.yaml")
+    lora, t = seed.method.lora, seed.training
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (6, 8, 0.05, "all-linear")
+    assert (t.micro_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (2, 2, 2e-4)
+    assert (t.max_grad_norm, t.scheduler) == (0.3, "constant")
 
 
 def test_unknown_key_names_file_line_and_closest_key(tmp_path):
