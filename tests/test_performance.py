@@ -60,35 +60,28 @@ def test_the_head_on_labelled_positions_gives_the_same_loss_and_gradients(layout
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def settings(cfg) -> tuple[str, str, str, str]:
+    return cfg.model.dtype, cfg.training.precision, cfg.method.quantization.compute_dtype, cfg.model.attn_implementation
+
+
 def test_auto_picks_bf16_and_flash_attention_where_the_device_has_them():
     cfg = load_config(None, ["method.name=qlora"])
     cpu, chosen = resolve_auto(cfg, DeviceCapabilities(cuda=False, bf16=False, flash_attention=False))
-    assert (cpu.model.dtype, cpu.training.precision, cpu.method.quantization.compute_dtype, cpu.model.attn_implementation) == (
-        "float32",
-        "fp32",
-        "float32",
-        "sdpa",
-    )
     assert chosen == [
         "model.dtype=float32",
         "training.precision=fp32",
         "method.quantization.compute_dtype=float32",
         "model.attn_implementation=sdpa",
     ]
+    assert settings(cpu) == ("float32", "fp32", "float32", "sdpa")
     gpu, _ = resolve_auto(cfg, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True))
-    assert (gpu.model.dtype, gpu.training.precision, gpu.method.quantization.compute_dtype, gpu.model.attn_implementation) == (
-        "bfloat16",
-        "bf16",
-        "bfloat16",
-        "flash_attention_2",
-    )
+    assert settings(gpu) == ("bfloat16", "bf16", "bfloat16", "flash_attention_2")
     # Values set in the config are kept; flash-attention only where the weights are half precision; a config without
     # `auto` left is returned as it was.
     explicit = load_config(None, ["model.dtype=float32", "training.precision=fp32"])
     kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True))
-    assert (kept.model.dtype, kept.training.precision, kept.model.attn_implementation) == ("float32", "fp32", "sdpa")
+    assert settings(kept) == ("float32", "fp32", "float32", "sdpa")  # compute_dtype fixed: LoRA checkpoints compare equal
     assert chosen == ["model.attn_implementation=sdpa"]  # compute_dtype only matters (and is only shown) for QLoRA
-    assert kept.method.quantization.compute_dtype == "float32"  # fixed: LoRA checkpoints compare equal on any device
     assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True)) == (kept, [])
     mixed = load_config(None, ["method.name=qlora", "model.dtype=float16"])
     with pytest.raises(ConfigError, match="auto settings for this device .*training.precision=bf16.*mixes half formats"):
