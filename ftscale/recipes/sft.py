@@ -22,6 +22,7 @@ from ftscale.checkpoint import CheckpointStore, PreemptionWatcher, TrainerState
 from ftscale.config import ConfigError, FtscaleConfig, render_config
 from ftscale.config.method import PROMPT_METHODS
 from ftscale.data import Row, StepSampler, build_datasets, collate, describe
+from ftscale.data.sampler import StepTotals
 from ftscale.distributed.accelerator import build_accelerator
 from ftscale.distributed.backend import build_backend
 from ftscale.distributed.launch import read_launch_settings
@@ -201,8 +202,9 @@ class SFTRecipe:
     def _collate(self, rows: list[Row]) -> dict[str, torch.Tensor]:
         return collate(rows, self.tokenizer.pad_token_id, self.cfg.data.packing, self.cfg.data.padding_free)
 
-    def train_step(self, step: int) -> LocalStep:
-        """Optimizer step `step` (0-based) on this rank's micro-batches; returns what this rank measured."""
+    def train_step(self, step: int) -> tuple[LocalStep, StepTotals]:
+        """Optimizer step `step` (0-based) on this rank's micro-batches; returns what this rank measured, and the
+        step's data on all ranks."""
         acc, t = self.accelerator, self.cfg.training
         waited = time.perf_counter()
         micro_batches = self.sampler.micro_batches(step)
@@ -210,7 +212,8 @@ class SFTRecipe:
         # Normalise by the loss tokens of the whole optimizer step on all ranks, so the gradient is the same however
         # the step is split into micro-batches and processes. Every backend averages gradients over processes and
         # accelerate's backward() divides by the accumulation steps: both are undone here.
-        step_tokens = self.sampler.step_totals(step).loss_tokens
+        totals = self.sampler.step_totals(step)
+        step_tokens = totals.loss_tokens
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.int64, device=acc.device)
         batch_tokens = 0
@@ -227,7 +230,7 @@ class SFTRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return LocalStep(loss_sum, nonfinite, batch_tokens, data_wait, norm)
+        return LocalStep(loss_sum, nonfinite, batch_tokens, data_wait, norm), totals
 
     def _sum_over_ranks(self, *values: float) -> list[float]:
         """One all-reduce for several scalars (float64: token counts stay exact)."""
@@ -251,11 +254,10 @@ class SFTRecipe:
         self.store.start_clock()  # checkpoint.every_minutes counts training time, not set-up or the first evaluation
         for step in range(start, self.total_steps):
             clock.start()
-            local = self.train_step(step)
+            local, totals = self.train_step(step)
             local.compute_s = clock.elapsed()
             # The step's figures from every rank and every rank's checkpoint triggers, in one all-reduce.
             reduced = reduce_step(local, self.store.local_triggers(), acc.process_index, acc.num_processes, acc.device, self._all_reduce)
-            totals = self.sampler.step_totals(step)
             loss, lr = reduced.loss_sum / totals.loss_tokens, self.scheduler.get_last_lr()[0]
             window.add_step(reduced, totals, clock.elapsed(), lr, local.grad_norm)
             self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + totals.tokens
