@@ -4,11 +4,14 @@ all-linear, batch 2, accumulation 2, lr 2e-4, clip 0.3, constant schedule) for t
 Prints one JSON line per system, then one with the ratios.
 
     python bench/train_throughput.py [--steps 8] [--systems ftscale,peft,trl] [--conversations 600]
+                                     [--model DIR] [--method lora|qlora] [--set KEY=VALUE ...]
 
 Each system runs in its own process, so its peak RSS is its own (os.wait4). Real tokens are non-padding tokens;
 loss tokens are the assistant tokens the loss is taken on. Data: bench/synthetic_chat.py (1-5 turns, log-normal
-lengths). CPU and fp32 by default; on a CUDA machine the recipe's `auto` picks bf16. TRL is optional
-(`pip install trl`); without it its line says so. Needs the imported model (`make model`)."""
+lengths). CPU and fp32 by default; on a CUDA machine every system trains in bf16 (the recipe's `auto` picks it),
+each line adds the peak CUDA memory, and ftscale's its memory estimate (ftscale.model.memory_estimate). TRL is
+optional (`pip install trl`); without it its line says so. Needs the imported model (`make model`) or `--model`
+(bench/random_model.py makes one of any shape)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,25 @@ MODEL = REPO / ".cache/ftscale/models/SmolLM2-135M-Instruct"
 SEED = {"r": 6, "alpha": 8, "dropout": 0.05, "batch": 2, "accumulation": 2, "lr": 2e-4, "clip": 0.3, "max_len": 512}
 
 
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def dtype():
+    import torch
+
+    return torch.bfloat16 if cuda() else torch.float32
+
+
+def quantization():
+    """QLoRA's 4-bit base, as ftscale's defaults make it (NF4, double quantisation, uint8 storage)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype())
+
+
 def seed_lora():
     from peft import LoraConfig
 
@@ -35,12 +57,16 @@ def seed_lora():
     )
 
 
-def run_ftscale(tmp: Path, steps: int, settings: list[str]) -> dict:
+def run_ftscale(tmp: Path, steps: int, settings: list[str], model: Path, method: str) -> dict:
     from ftscale.config import load_config
+    from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
+    from ftscale.model.memory_estimate import ModelShape, estimate_training_memory
     from ftscale.recipes.sft import recipe_main
 
     out = tmp / "ftscale"
     overrides = [
+        f"model.path={model}",
+        f"method.name={method}",
         f"data.train=[{{path: {tmp / 'train.jsonl'}}}]",
         f"data.eval=[{{path: {tmp / 'eval.jsonl'}}}]",
         f"data.cache_dir={tmp / 'cache'}",
@@ -49,7 +75,10 @@ def run_ftscale(tmp: Path, steps: int, settings: list[str]) -> dict:
         "logging.console=false",
         *settings,
     ]
-    summary = recipe_main(load_config(REPO / "configs/smollm2-135m/seed-notebook.yaml", overrides))
+    cfg = load_config(REPO / "configs/smollm2-135m/seed-notebook.yaml", overrides)
+    resolved, chosen = resolve_auto(cfg, DeviceCapabilities.detect())
+    estimate = estimate_training_memory(ModelShape.read(model), resolved, resolved.training.gradient_checkpointing)
+    summary = recipe_main(cfg)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "time/train_s" in r]
     seconds = sum(r["time/train_s"] for r in train)
@@ -59,6 +88,8 @@ def run_ftscale(tmp: Path, steps: int, settings: list[str]) -> dict:
         "mfu": sum(r["perf/mfu"] * r["time/train_s"] for r in train) / seconds,
         "final_train_loss": summary["final_train_loss"],
         "eval_loss": summary["eval_loss_after"],
+        "auto": chosen,
+        "memory_estimate_gb": {k: round(v / 1e9, 3) for k, v in {**vars(estimate), "total": estimate.total}.items()},
     }
 
 
@@ -71,7 +102,7 @@ def _examples(tmp: Path, tokenizer):
     return examples
 
 
-def run_peft(tmp: Path, steps: int, settings: list[str]) -> dict:
+def run_peft(tmp: Path, steps: int, settings: list[str], model_dir: Path, method: str) -> dict:
     """The loop a careful user writes by hand: padded batches, the model's own loss, accumulation, clipping."""
     import torch
     from peft import get_peft_model
@@ -82,10 +113,17 @@ def run_peft(tmp: Path, steps: int, settings: list[str]) -> dict:
     from ftscale.model.loading import load_tokenizer
 
     torch.manual_seed(0)
-    tokenizer, _ = load_tokenizer(ModelConfig(path=str(MODEL)))
+    tokenizer, _ = load_tokenizer(ModelConfig(path=str(model_dir)))
     examples = _examples(tmp, tokenizer)
     order = torch.randperm(len(examples)).tolist()
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    device = "cuda" if cuda() else "cpu"
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype(), quantization_config=quantization(), device_map=device)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype()).to(device)
     model = get_peft_model(model, seed_lora())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SEED["lr"])
     model.train()
@@ -104,7 +142,8 @@ def run_peft(tmp: Path, steps: int, settings: list[str]) -> dict:
                 ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
             real += int(mask.sum())
             loss_tokens += int((labels[:, 1:] != -100).sum())
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with torch.autocast(device, dtype=dtype(), enabled=cuda()):
+                loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             (loss / SEED["accumulation"]).backward()
             losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), SEED["clip"])
@@ -120,9 +159,9 @@ def run_peft(tmp: Path, steps: int, settings: list[str]) -> dict:
     }
 
 
-def run_trl(tmp: Path, steps: int, settings: list[str]) -> dict:
+def run_trl(tmp: Path, steps: int, settings: list[str], model: Path, method: str) -> dict:
     """TRL's SFTTrainer as the seed notebook configured it (gradient checkpointing on, no packing, TRL's default loss
-    masking). Not yet run on this machine, where TRL is not installed: the figures so far are ftscale's and peft's."""
+    masking); bf16 on CUDA, and for QLoRA the same 4-bit base as the others."""
     try:
         from trl import SFTConfig, SFTTrainer
     except ImportError:
@@ -143,9 +182,11 @@ def run_trl(tmp: Path, steps: int, settings: list[str]) -> dict:
         report_to=[],
         logging_steps=1,
         save_strategy="no",
+        bf16=cuda(),
+        model_init_kwargs={"dtype": dtype(), **({"quantization_config": quantization()} if method == "qlora" else {})},
     )
     data = load_dataset("json", data_files=str(tmp / "train.jsonl"), split="train")
-    trainer = SFTTrainer(model=str(MODEL), args=config, train_dataset=data, peft_config=seed_lora())
+    trainer = SFTTrainer(model=str(model), args=config, train_dataset=data, peft_config=seed_lora())
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -156,9 +197,10 @@ def run_trl(tmp: Path, steps: int, settings: list[str]) -> dict:
 RUNNERS = {"ftscale": run_ftscale, "peft": run_peft, "trl": run_trl}
 
 
-def child(system: str, tmp: Path, steps: int, settings: list[str]) -> dict:
+def child(system: str, tmp: Path, args, settings: list[str]) -> dict:
     """Run one system in its own process; its result and peak RSS (KiB on Linux, from wait4)."""
-    command = [sys.executable, __file__, "--run", system, "--tmp", str(tmp), "--steps", str(steps), *(f"--set={s}" for s in settings)]
+    command = [sys.executable, __file__, "--run", system, "--tmp", str(tmp), "--steps", str(args.steps), "--model", str(args.model)]
+    command += ["--method", args.method, *(f"--set={s}" for s in settings)]
     proc = subprocess.Popen(command, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
     result_file = tmp / f"{system}.json"
@@ -173,11 +215,19 @@ def main() -> None:
     ap.add_argument("--systems", default="ftscale,peft,trl")
     ap.add_argument("--conversations", type=int, default=600)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for ftscale's run")
+    ap.add_argument("--model", type=Path, default=MODEL, help="model folder (default: the imported SmolLM2-135M-Instruct)")
+    ap.add_argument("--method", choices=["lora", "qlora"], default="lora")
     ap.add_argument("--run", choices=list(RUNNERS), help=argparse.SUPPRESS)
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
-        (args.tmp / f"{args.run}.json").write_text(json.dumps(RUNNERS[args.run](args.tmp, args.steps, args.set)))
+        result = RUNNERS[args.run](args.tmp, args.steps, args.set, args.model, args.method)
+        if cuda():
+            import torch
+
+            result["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+            result["device"] = torch.cuda.get_device_name()
+        (args.tmp / f"{args.run}.json").write_text(json.dumps(result))
         return
     from synthetic_chat import write_dataset
 
@@ -187,8 +237,9 @@ def main() -> None:
         write_dataset(tmp / "eval.jsonl", 32, seed=1)
         results = {}
         for system in args.systems.split(","):
-            results[system] = child(system, tmp, args.steps, args.set if system == "ftscale" else [])
-            print(json.dumps({"bench": "train_throughput", "steps": args.steps, "settings": args.set, **results[system]}), flush=True)
+            results[system] = child(system, tmp, args, args.set if system == "ftscale" else [])
+            head = {"bench": "train_throughput", "model": args.model.name, "method": args.method, "steps": args.steps, "settings": args.set}
+            print(json.dumps({**head, **results[system]}), flush=True)
     ratios = {}
     base = results.get("peft", {})
     for system in ("ftscale", "trl"):
@@ -196,7 +247,10 @@ def main() -> None:
             ratios[f"{system}_over_peft_tokens_per_s"] = round(results[system]["real_tokens_per_s"] / base["real_tokens_per_s"], 3)
     if "peak_rss_gb" in results.get("ftscale", {}) and "peak_rss_gb" in base:
         ratios["ftscale_over_peft_peak_rss"] = round(results["ftscale"]["peak_rss_gb"] / base["peak_rss_gb"], 3)
-    print(json.dumps({"bench": "train_throughput", "ratios": ratios}))
+    for system in ("ftscale", "peft"):
+        if "real_tokens_per_s" in results.get(system, {}) and "real_tokens_per_s" in results.get("trl", {}):
+            ratios[f"{system}_over_trl_tokens_per_s"] = round(results[system]["real_tokens_per_s"] / results["trl"]["real_tokens_per_s"], 3)
+    print(json.dumps({"bench": "train_throughput", "model": args.model.name, "method": args.method, "ratios": ratios}), flush=True)
 
 
 if __name__ == "__main__":

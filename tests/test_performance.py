@@ -12,8 +12,9 @@ from ftscale.data.packing import collate, packed_row
 from ftscale.methods import attach_adapter
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
 from ftscale.model.loading import causal_lm
+from ftscale.model.memory_estimate import ModelShape, estimate_training_memory
 from ftscale.recipes.sft import SFTRecipe
-from ftscale.training.loss import loss_on_labelled_positions, supports_labelled_head
+from ftscale.training.loss import ChunkedHeadLoss, chunkable_head, loss_on_labelled_positions, supports_labelled_head
 
 from conftest import build_tiny_model, tiny_overrides
 
@@ -50,14 +51,24 @@ def test_the_head_on_labelled_positions_gives_the_same_loss_and_gradients(layout
         return loss.detach(), [p.grad.clone() for p in trainable]
 
     projected = []
-    hook = causal_lm(model).lm_head.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[:-1].numel()))
+    head = causal_lm(model).lm_head
+    hook = head.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[:-1].numel()))
     reference, grads = loss_and_grads(lambda: model(**batch, use_cache=False).loss)
     loss, mine = loss_and_grads(lambda: loss_on_labelled_positions(model, dict(batch), count))
-    hook.remove()
     assert projected == [batch["input_ids"].numel(), count]  # the head ran on the labelled positions only
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
     for a, b in zip(mine, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # In chunks of 3 positions (the batch has 7 to 12): the head itself is handed nothing, the loss does its work.
+    assert chunkable_head(model) is head
+    loss, mine = loss_and_grads(lambda: ChunkedHeadLoss(head, chunk=3)(model, dict(batch), count))
+    hook.remove()
+    assert projected[2:] == [0]
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    for a, b in zip(mine, grads, strict=True):  # summed in another order: fp32 rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # outside the loss (evaluation, generation) the head is the plain head again
+        torch.testing.assert_close(model(**batch, use_cache=False).loss, reference)
 
 
 def settings(cfg) -> tuple[str, str, str, str]:
@@ -66,26 +77,82 @@ def settings(cfg) -> tuple[str, str, str, str]:
 
 def test_auto_picks_bf16_and_flash_attention_where_the_device_has_them():
     cfg = load_config(None, ["method.name=qlora"])
-    cpu, chosen = resolve_auto(cfg, DeviceCapabilities(cuda=False, bf16=False, flash_attention=False))
-    assert chosen == [
+    cpu, chosen = resolve_auto(cfg, DeviceCapabilities(cuda=False, bf16=False, flash_attention=False, memory=2**40))
+    assert chosen[:4] == [
         "model.dtype=float32",
         "training.precision=fp32",
         "method.quantization.compute_dtype=float32",
         "model.attn_implementation=sdpa",
     ]
+    assert chosen[4].startswith("training.gradient_checkpointing=false (estimate ")  # with a terabyte to spare
     assert settings(cpu) == ("float32", "fp32", "float32", "sdpa")
-    gpu, _ = resolve_auto(cfg, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True))
+    gpu, _ = resolve_auto(cfg, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40))
     assert settings(gpu) == ("bfloat16", "bf16", "bfloat16", "flash_attention_2")
     # Values set in the config are kept; flash-attention only where the weights are half precision; a config without
     # `auto` left is returned as it was.
-    explicit = load_config(None, ["model.dtype=float32", "training.precision=fp32"])
-    kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True))
+    explicit = load_config(None, ["model.dtype=float32", "training.precision=fp32", "training.gradient_checkpointing=false"])
+    kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40))
     assert settings(kept) == ("float32", "fp32", "float32", "sdpa")  # compute_dtype fixed: LoRA checkpoints compare equal
-    assert chosen == ["model.attn_implementation=sdpa"]  # compute_dtype only matters (and is only shown) for QLoRA
-    assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True)) == (kept, [])
+    assert chosen == ["model.attn_implementation=sdpa", "model.liger_kernels=false"]  # compute_dtype only matters (and is shown) for QLoRA
+    assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40)) == (kept, [])
     mixed = load_config(None, ["method.name=qlora", "model.dtype=float16"])
     with pytest.raises(ConfigError, match="auto settings for this device .*training.precision=bf16.*mixes half formats"):
-        resolve_auto(mixed, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False))
+        resolve_auto(mixed, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False, memory=2**40))
+
+
+def test_auto_checkpoints_gradients_when_the_estimate_passes_the_memory_a_process_has():
+    shape = ModelShape(hidden=2048, layers=16, intermediate=5632, vocab=49152, kv_width=512, tied=False)
+    cfg = load_config(None, ["method.name=qlora", "training.micro_batch_size=8", "data.max_seq_len=2048"])
+    gpu = DeviceCapabilities(cuda=True, bf16=True, flash_attention=False, memory=80 * 2**30)
+    needed = estimate_training_memory(shape, resolve_auto(cfg, gpu, shape)[0], checkpointing=False)
+    saved = estimate_training_memory(shape, resolve_auto(cfg, gpu, shape)[0], checkpointing=True)
+    assert saved.activations < needed.activations / 5 and saved.base == needed.base and saved.adapter == needed.adapter
+    for memory, expected in ((2 * needed.total, False), (needed.total, True)):
+        resolved, chosen = resolve_auto(cfg, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False, memory=memory), shape)
+        assert resolved.training.gradient_checkpointing is expected
+        assert chosen[-1] == f"training.gradient_checkpointing={str(expected).lower()} (estimate {needed.total / 1e9:.2f} GB)"
+    # Set in the config, it is kept; peft cannot checkpoint prompt methods, so auto means off for them.
+    kept, _ = resolve_auto(load_config(None, ["training.gradient_checkpointing=false"]), DeviceCapabilities(False, False, False), shape)
+    assert kept.training.gradient_checkpointing is False
+    prompt, chosen = resolve_auto(
+        load_config(None, ["method.name=prompt_tuning", "data.packing=false"]), DeviceCapabilities(False, False, False), shape
+    )
+    assert prompt.training.gradient_checkpointing is False and not any("checkpointing" in c for c in chosen)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_activation_estimate_is_close_to_what_backward_keeps(dropout, tiny_tokenizer):
+    """Counted with torch's saved-tensor hooks (each storage once) on a Llama-shaped model in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    cfg = load_config(
+        None, [f"method.lora.dropout={dropout}", "training.micro_batch_size=2", "data.max_seq_len=96", "training.loss_chunk_size=null"]
+    )
+    cfg, _ = resolve_auto(cfg, DeviceCapabilities(False, False, False, memory=2**40), ModelShape.of(config))
+    model = attach_adapter(LlamaForCausalLM(config).train(), cfg)
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 96))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    logits = ids.numel() * config.vocab_size * 4  # the model's own loss keeps its log-softmax
+    measured = sum(n for ptr, n in storages.items() if ptr not in frozen) - logits
+    estimate = estimate_training_memory(ModelShape.of(config), cfg, checkpointing=False)
+    assert 0.85 < estimate.activations / measured < 1.15
 
 
 def test_the_recipe_resolves_auto_for_this_machine_and_shipped_configs_say_auto(tiny_model_dir, tiny_data, tmp_path):

@@ -23,6 +23,10 @@ class ModelConfig(Section):
         "auto",
         description="Attention kernel (packed rows use its varlen path); auto: flash_attention_2 on CUDA with flash-attn, else sdpa.",
     )
+    liger_kernels: bool | Literal["auto"] = Field(
+        "auto",
+        description="Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; auto: where liger-kernel is installed.",
+    )
     chat_template: Literal["auto", "tokenizer", "chatml"] = Field(
         "auto", description="auto: the tokenizer's template, or ChatML when it has none; chatml: always ChatML."
     )

@@ -34,7 +34,7 @@ class FtscaleConfig(Section):
                 f"method.name={name} prepends virtual tokens to each row, so a micro-batch cannot be one concatenated "
                 "row: set data.padding_free=false"
             )
-        if name in PROMPT_METHODS and self.training.gradient_checkpointing:
+        if name in PROMPT_METHODS and self.training.gradient_checkpointing is True:
             raise ValueError(f"method.name={name} does not support training.gradient_checkpointing in peft: set it to false")
         if name == "qlora" and self.model.dtype == "float16" and self.training.precision == "bf16":
             raise ValueError("model.dtype=float16 with training.precision=bf16 mixes half formats: use bfloat16 for both")

@@ -35,7 +35,15 @@ class TrainingConfig(Section):
         True,
         description="Apply the output head and the loss only at positions with a label (not for prompt methods); same loss, less compute.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_chunk_size: int | None = Field(
+        1024,
+        gt=0,
+        description="Labelled positions per chunk of the head and cross-entropy, so the logits never exist whole (null: one piece).",
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in backward to save memory; auto: when the memory estimate passes 80% of what a process has.",
+    )
     log_every: int = Field(1, gt=0, description="Optimizer steps between console/W&B log lines.")
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between held-out evaluations (null: only at start and end).")
     eval_generate_examples: int = Field(

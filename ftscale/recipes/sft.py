@@ -20,7 +20,6 @@ from accelerate.utils import set_seed
 from ftscale.atomic_files import partial_folder, replace_folder, write_text_atomically
 from ftscale.checkpoint import CheckpointStore, PreemptionWatcher, TrainerState
 from ftscale.config import ConfigError, FtscaleConfig, render_config
-from ftscale.config.method import PROMPT_METHODS
 from ftscale.data import Row, StepSampler, build_datasets, collate, describe
 from ftscale.data.sampler import StepTotals
 from ftscale.distributed.accelerator import build_accelerator
@@ -31,12 +30,13 @@ from ftscale.evaluation.generation import count_exact_matches, prompts_and_answe
 from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
+from ftscale.model.kernels import apply_liger_kernels
 from ftscale.model.loading import load_tokenizer
 from ftscale.observability.flops import device_peak_flops, model_flops
 from ftscale.observability.logger import MetricLogger
 from ftscale.observability.run_info import run_info
 from ftscale.observability.step_metrics import LocalStep, MetricsWindow, Stopwatch, reduce_step
-from ftscale.training.loss import loss_on_labelled_positions, supports_labelled_head
+from ftscale.training.loss import model_loss, training_loss
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
@@ -85,6 +85,7 @@ class SFTRecipe:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
+        self._setup_loss()
         self._setup_checkpoints()
         self._setup_metrics()
 
@@ -116,19 +117,13 @@ class SFTRecipe:
     def _setup_model(self) -> None:
         cfg = self.cfg
         model = self.backend.load_base(len(self.tokenizer) if self.added_tokens else None)
+        self.fused_loss = apply_liger_kernels(model) if cfg.model.liger_kernels else None
         model = attach_adapter(model, cfg)
-        # Prompt methods change the sequence inside peft's forward (virtual tokens, or prefixes in the cache).
-        self.head_on_labels_only = cfg.training.head_on_labels_only and cfg.method.name not in PROMPT_METHODS
-        if self.head_on_labels_only and not supports_labelled_head(model):
-            self.head_on_labels_only = False
-            log.info(
-                "training.head_on_labels_only: %s's forward takes no mask of positions; the head runs everywhere", type(model).__name__
-            )
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.backend.parallelize(model)
         trainable, total = self.backend.parameter_counts(self.model)
-        self.flops = model_flops(model, model.config, trainable, self.head_on_labels_only)
+        self.trainable = trainable
         log.info("method %s: %d trainable of %d parameters (%.3f%%)", cfg.method.name, trainable, total, 100 * trainable / total)
 
     def _setup_optimizer(self) -> None:
@@ -139,6 +134,13 @@ class SFTRecipe:
         log.info("frozen base: %d of %d bytes held by rank %d", local, full, self.accelerator.process_index)
         # The scheduler stays outside accelerate.prepare: it is stepped exactly once per optimizer step.
         self.scheduler = build_scheduler(optimizer, self.cfg.training, self.total_steps)
+
+    def _setup_loss(self) -> None:
+        """After the backend's prepare: its hooks on the output head must come before the loss's (training_loss)."""
+        model = self.accelerator.unwrap_model(self.model)
+        self.loss, how = training_loss(model, self.cfg.training, self.cfg.method.name, self.fused_loss)
+        log.info("loss: %s", how)
+        self.flops = model_flops(model, model.config, self.trainable, head_on_labels_only=self.loss is not model_loss)
 
     def _setup_checkpoints(self) -> None:
         """The checkpoint store, and the resume from a checkpoint (checkpoint.resume): parameters, optimizer,
@@ -192,10 +194,7 @@ class SFTRecipe:
         on every micro-batch)."""
         acc = self.accelerator
         inputs = {n: v.to(acc.device) for n, v in batch.items()}
-        if self.head_on_labels_only:
-            loss = loss_on_labelled_positions(self.model, inputs, loss_tokens)
-        else:
-            loss = self.model(**inputs, use_cache=False).loss
+        loss = self.loss(self.model, inputs, loss_tokens)
         acc.backward(loss * scale)
         return loss.detach()
 
@@ -310,7 +309,7 @@ class SFTRecipe:
         loss_sum = count_sum = 0.0
         for i in range(n_batches):
             rows = [self.eval_rows[r] for r in shard[i * mb : (i + 1) * mb]]
-            loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device)
+            loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device, self.loss is not model_loss)
             if rows:
                 loss_sum, count_sum = loss_sum + loss, count_sum + count
         matches = answered = 0

@@ -1,19 +1,30 @@
-"""The training loss with the output head applied only where a label is: for chat data trained on the answers
-about half the positions, and the head (vocabulary x hidden) is a large share of a small model's FLOPs.
+"""The training loss, computed only where it is needed.
 
-transformers' causal LMs take `logits_to_keep` (here a boolean mask of positions) and project only those hidden
-states; the loss is then the same token-mean cross-entropy the model computes from `labels`, without the logits
-and their backward at every other position."""
+- The output head (vocabulary x hidden, about a third of a small model's FLOPs) runs only at positions whose next
+  token has a label: transformers' causal LMs take `logits_to_keep` as a boolean mask of positions and project only
+  those hidden states. For chat data trained on the answers that is about half the positions.
+- The head and the cross-entropy then run in chunks of positions (`training.loss_chunk_size`), so the fp32 logits of
+  the whole micro-batch never exist at once. Written by hand because no library does it for every device: Liger's
+  fused linear cross-entropy (used instead where `model.liger_kernels` is on) is a Triton kernel for GPUs only.
+
+Each loss is the same token-mean cross-entropy the model computes from `labels`."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ftscale.config import PROMPT_METHODS
 from ftscale.data.tokenize import IGNORE_INDEX
 from ftscale.model.loading import causal_lm
+
+# Operations some models apply to the logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling):
+# the chunked loss projects the head itself, so it is not used for them.
+_AFTER_HEAD = ("softcap", "logit_scale", "logits_scaling")
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -23,14 +34,100 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def supports_labelled_head(model: torch.nn.Module) -> bool:
-    """Whether the model's forward projects a boolean `logits_to_keep` mask of positions (transformers'
-    slice_logits_to_keep, in its causal LMs since 5.x); remote-code and older models may not."""
+def _forward_source(model: nn.Module) -> str:
     inner = causal_lm(model)
     try:
-        return inner is not None and "slice_logits_to_keep" in inspect.getsource(type(inner).forward)
+        return inspect.getsource(type(inner).forward) if inner is not None else ""
     except (OSError, TypeError):
-        return False
+        return ""
+
+
+def supports_labelled_head(model: nn.Module) -> bool:
+    """Whether the model's forward projects a boolean `logits_to_keep` mask of positions (transformers'
+    slice_logits_to_keep, in its causal LMs since 5.x); remote-code and older models may not."""
+    return "slice_logits_to_keep" in _forward_source(model)
+
+
+def chunkable_head(model: nn.Module) -> nn.Linear | None:
+    """The output head, where the chunked loss can stand in for it: a frozen plain linear layer (not an adapter's
+    wrapper, not trained) whose output the model uses as the logits unchanged."""
+    inner = causal_lm(model)
+    head = inner.get_output_embeddings() if inner is not None else None
+    source = _forward_source(model)
+    plain = isinstance(head, nn.Linear) and not any(isinstance(m, nn.Linear) and m is not head for m in head.modules())
+    if not plain or head.weight.requires_grad or any(word in source for word in _AFTER_HEAD):
+        return None
+    return head
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, a chunk of positions at a time. The gradient
+    for the hidden states is computed in forward, chunk by chunk (softmax minus one-hot, times the weight), so
+    neither pass keeps logits: the memory is one chunk's logits, and the FLOPs those of the unchunked head."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(h, weight).float()
+            logsumexp = logits.logsumexp(-1)
+            total += (logsumexp - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the chunk's logits become its softmax
+            probs[torch.arange(len(t), device=t.device), t] -= 1
+            grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, fused: Callable | None = None
+) -> torch.Tensor:
+    """Summed cross-entropy of the head `weight` (frozen) applied to `hidden` (positions x hidden size) against
+    `targets`; `fused` is Liger's fused linear cross-entropy where it is in use."""
+    if fused is not None:
+        return fused(hidden, weight, targets, reduction="sum").float()
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+class ChunkedHeadLoss:
+    """The loss at labelled positions with the head's work done by `linear_cross_entropy`. A hook before the head
+    takes its input (the labelled hidden states, gathered by the model's own `logits_to_keep` code) and hands the
+    head an empty batch instead, so the model's forward, its adapters and any backend's hooks on the head (sharded
+    weights are gathered for its forward) stay as they are. Outside this loss (evaluation, generation) the head
+    runs as usual."""
+
+    def __init__(self, head: nn.Linear, chunk: int, fused: Callable | None = None):
+        self.chunk, self.fused = chunk, fused
+        self._targets: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+        head.register_forward_pre_hook(self._before_head)
+
+    def _before_head(self, head: nn.Module, args: tuple) -> tuple | None:
+        if self._targets is None:
+            return None
+        hidden, targets, self._targets = args[0], self._targets, None
+        self._loss = linear_cross_entropy(hidden, head.weight, targets, self.chunk, self.fused)
+        return (hidden[:0], *args[1:])
+
+    def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor], loss_tokens: int) -> torch.Tensor:
+        labels = inputs.pop("labels")
+        keep = labelled_positions(labels)
+        self._targets = labels[:, 1:][keep[:, :-1]]
+        try:
+            model(**inputs, use_cache=False, logits_to_keep=keep)
+            loss = self._loss
+        finally:
+            self._targets = self._loss = None
+        if loss is None:
+            raise RuntimeError("the output head did not run in the model's forward: set training.loss_chunk_size: null")
+        return loss / max(loss_tokens, 1)
 
 
 def loss_on_labelled_positions(model, inputs: dict[str, torch.Tensor], loss_tokens: int) -> torch.Tensor:
@@ -41,3 +138,27 @@ def loss_on_labelled_positions(model, inputs: dict[str, torch.Tensor], loss_toke
     keep = labelled_positions(labels)
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum") / max(loss_tokens, 1)
+
+
+def model_loss(model, inputs: dict[str, torch.Tensor], loss_tokens: int) -> torch.Tensor:
+    """The model's own loss from `labels`: the head at every position (prompt methods, models without the mask)."""
+    return model(**inputs, use_cache=False).loss
+
+
+LossFunction = Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]
+
+
+def training_loss(model: nn.Module, training, method: str, fused: Callable | None = None) -> tuple[LossFunction, str]:
+    """The loss the recipe calls as `loss(model, inputs, loss_tokens)` for this model and `training:` section, and
+    a line for the log saying which. Built after the backend has wrapped the model: its hooks on the head (a
+    sharded weight gathered for the forward) must run before the chunked loss's."""
+    if not training.head_on_labels_only or method in PROMPT_METHODS:  # prompt methods change the sequence in peft
+        return model_loss, "the model's own, the head at every position"
+    if not supports_labelled_head(model):
+        return model_loss, f"the model's own, the head at every position ({type(causal_lm(model)).__name__} takes no mask of positions)"
+    head = chunkable_head(model)
+    if head is None or (training.loss_chunk_size is None and fused is None):
+        return loss_on_labelled_positions, "the head at labelled positions only, in one piece"
+    chunk = training.loss_chunk_size or 2**62
+    how = "Liger's fused linear cross-entropy" if fused is not None else f"in chunks of {training.loss_chunk_size} positions"
+    return ChunkedHeadLoss(head, chunk, fused), f"the head at labelled positions only, {how}"

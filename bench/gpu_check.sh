@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The CUDA checks of issue 14 on one GPU, in about 5 minutes: bf16 LoRA and QLoRA on a SmolLM2-135M-shaped and a
+# ~1B Llama-shaped model (random weights: the speed is the same), ftscale against TRL's SFTTrainer with the seed
+# notebook's settings (and a plain peft loop on the small model), Liger kernels on and off, peak CUDA memory
+# against ftscale's estimate. One JSON line per run in $OUT/gpu_check.jsonl (bench/RESULTS.md has the figures).
+#
+#   bash bench/gpu_check.sh   # env: STEPS=40 CONVERSATIONS=400 TOKENIZER=<model folder with a tokenizer> RUN_TIMEOUT=240 OUT=...
+#
+# Needs torch with CUDA, and ftscale's dependencies plus trl and liger-kernel. Where no package registry can be
+# reached, WHEELS=<folder of wheels> installs those first into a private folder. Never part of `make test`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-runs/gpu_check}
+STEPS=${STEPS:-40}
+CONVERSATIONS=${CONVERSATIONS:-400}
+TOKENIZER=${TOKENIZER:-.cache/ftscale/models/SmolLM2-135M-Instruct}
+MODELS=${MODELS:-/tmp/ftscale-gpu-check}
+SMALL_1B=${SMALL_1B:-}  # e.g. "--hidden 64 --layers 2 --intermediate 128 --heads 4 --kv-heads 2": a dry run of this script on CPU
+mkdir -p "$OUT" "$MODELS"
+LOG=$OUT/gpu_check.jsonl
+: >"$LOG"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if [ -n "${WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ftscale-site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/ftscale-site:$PYTHONPATH
+fi
+
+$PY - <<'PY' | tee -a "$LOG"
+import importlib.metadata as md, json, time, torch
+info = {"bench": "gpu_check_environment", "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+for name in ("transformers", "peft", "accelerate", "trl", "bitsandbytes", "liger-kernel", "flash-attn"):
+    try:
+        info[name] = md.version(name)
+    except md.PackageNotFoundError:
+        info[name] = None
+if torch.cuda.is_available():
+    info["device"] = torch.cuda.get_device_name()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    info["bf16_matmul_tflops"] = round(10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12, 1)
+    import bitsandbytes.functional as F
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    q, state = F.quantize_4bit(w, quant_type="nf4")
+    info["nf4_roundtrip_max_error"] = round(float((F.dequantize_4bit(q, state) - w).abs().max()), 4)
+print(json.dumps(info))
+PY
+
+$PY bench/random_model.py --like "$TOKENIZER" --out "$MODELS/smollm2-135m" | tee -a "$LOG"
+# ~1B: SmolLM2's vocabulary, TinyLlama's body (2048 wide, 16 layers, grouped-query attention), untied head.
+$PY bench/random_model.py --like "$TOKENIZER" --out "$MODELS/llama-1b" --untied \
+    ${SMALL_1B:---hidden 2048 --layers 16 --intermediate 5632 --heads 32 --kv-heads 8} | tee -a "$LOG"
+
+run() {  # model method systems [ftscale overrides...]
+    local model=$1 method=$2 systems=$3
+    shift 3
+    timeout "${RUN_TIMEOUT:-240}" $PY bench/train_throughput.py --model "$MODELS/$model" --method "$method" --systems "$systems" \
+        --steps "$STEPS" --conversations "$CONVERSATIONS" "${@/#/--set=}" | tee -a "$LOG"
+}
+run smollm2-135m lora ftscale,peft,trl
+run smollm2-135m qlora ftscale,trl
+run llama-1b lora ftscale,trl
+run llama-1b lora ftscale model.liger_kernels=false
+run llama-1b qlora ftscale,trl
+echo "gpu_check: $(wc -l <"$LOG") lines in $LOG"

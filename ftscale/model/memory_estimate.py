@@ -1,0 +1,129 @@
+"""What one process's training needs in memory, estimated from the model's config before it is loaded: it decides
+`training.gradient_checkpointing: auto`, and bench/gpu_check.sh compares it with what CUDA measured.
+
+The activation term counts the tensors a Llama-style decoder layer keeps for backward, per token; it was checked
+against torch's saved-tensor hooks (tests/test_performance.py). Attention is taken as sdpa or flash-attention
+(memory linear in the sequence). It is an estimate for one process holding the whole base: sharding backends need
+less, so `auto` errs towards checkpointing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftscale.config import FtscaleConfig
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 256 + 4 / (64 * 256)  # 4 bits, double-quantised absmax (8 bits per 64), fp32 per 16k
+LORA_FAMILY = ("lora", "qlora", "dora")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HEADROOM = 0.8  # `auto` checkpoints when the estimate passes this share of the memory a process has
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    kv_width: int  # key/value heads x head size
+    tied: bool
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelShape:
+        from transformers import AutoConfig
+
+        return cls.of(AutoConfig.from_pretrained(path))
+
+    @classmethod
+    def of(cls, config) -> ModelShape:
+        config = config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        return cls(
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.intermediate_size,
+            config.vocab_size,
+            kv,
+            bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def projection_sizes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of a decoder layer."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_width
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    base: int  # frozen weights as held (4-bit for QLoRA's projections)
+    adapter: int  # trainable parameters, their gradients and AdamW's two moments, fp32
+    activations: int  # what forward keeps for backward, one micro-batch
+    logits: int  # the head's fp32 logits and their gradient at their largest
+
+    @property
+    def total(self) -> int:
+        return self.base + self.adapter + self.activations + self.logits
+
+
+def estimate_training_memory(shape: ModelShape, cfg: FtscaleConfig, checkpointing: bool) -> MemoryEstimate:
+    """For a config whose `auto` values are resolved."""
+    t, method = cfg.training, cfg.method
+    tokens = t.micro_batch_size * cfg.data.max_seq_len
+    act = BYTES["bfloat16"] if t.precision in ("bf16", "fp16") else BYTES[cfg.model.dtype]
+    sizes = shape.projection_sizes()
+    linear = shape.layers * sum(i * o for i, o in sizes.values())
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    norms = shape.hidden * (2 * shape.layers + 1)
+    if method.name == "qlora":  # peft's k-bit preparation keeps the non-quantised parameters in fp32
+        base = int(linear * NF4_BYTES_PER_WEIGHT) + 4 * (embeddings + norms)
+    else:
+        base = BYTES[cfg.model.dtype] * (linear + embeddings + norms)
+    adapter = 0
+    if method.name in LORA_FAMILY:
+        targets = PROJECTIONS if method.lora.target_modules == "all-linear" else method.lora.target_modules
+        r = method.lora.r
+        adapter = 16 * shape.layers * sum(r * (i + o) + (o if method.name == "dora" else 0) for n, (i, o) in sizes.items() if n in targets)
+    # Kept per token by one layer (elements): each RMSNorm's input and output, the rotated q and k, v, the attention
+    # output and its contiguous copy for o_proj; the MLP's gate, up, activation and product. Frozen projections keep
+    # no input (their gradient needs only the weight); LoRA's A shares its layer's input. Half-precision runs keep
+    # the norms' inputs in fp32 too. LoRA dropout keeps each projection's dropped input and its mask.
+    h, kv, i = shape.hidden, shape.kv_width, shape.intermediate
+    per_token = (7 * h + 2 * kv + 4 * i) * act + (2 * h * 4 if act < 4 else 0)
+    if method.name in LORA_FAMILY and method.lora.dropout > 0:
+        per_token += (6 * h + i) * (act + 1)
+    # With checkpointing each layer keeps its input, and one layer's full set exists again while it is recomputed.
+    activations = tokens * (shape.layers * h * act + per_token if checkpointing else shape.layers * per_token)
+    positions = min(tokens, t.loss_chunk_size or tokens) if t.head_on_labels_only else tokens
+    logits = 3 * positions * shape.vocab * 4  # logits, their softmax and its gradient
+    return MemoryEstimate(base, adapter, activations, logits)
+
+
+def process_memory_bytes(cuda: bool) -> int:
+    """Memory one process may use: its GPU's total, or on CPU the machine's available memory shared by the
+    processes started on this node."""
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    available = next(
+        int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:")
+    )
+    return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def needs_checkpointing(shape: ModelShape, cfg: FtscaleConfig, memory: int) -> tuple[bool, MemoryEstimate]:
+    """Whether training without recomputation would pass HEADROOM of `memory`; and the estimate without it."""
+    estimate = estimate_training_memory(shape, cfg, checkpointing=False)
+    return estimate.total > HEADROOM * memory, estimate
