@@ -84,6 +84,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untied_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """tiny_model_dir's model with an output head of its own, not tied to the input embedding."""
+    out = tmp_path_factory.mktemp("tiny-llama-untied")
+    build_tiny_model(len(tiny_tokenizer), tie=False).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("data")
     return {"train": write_jsonl(out / "train.jsonl", demo_rows(48)), "eval": write_jsonl(out / "eval.jsonl", demo_rows(8, "eval"))}

@@ -11,14 +11,17 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from ftscale.config import PROMPT_METHODS, load_config
-from ftscale.methods import load_adapter
-from ftscale.model.loading import load_base_model
+from ftscale.distributed.fsdp import decoder_layers, shard_model
+from ftscale.distributed.launch import FSDPSettings
+from ftscale.methods import attach_adapter, load_adapter
+from ftscale.model.loading import causal_lm, load_base_model
 from ftscale.recipes.sft import SFTRecipe
 
-from conftest import REPO, tiny_overrides
-from helpers import METHOD_SETTINGS, adapter, ddp_cmd, history, launch_cmd, run, train_cmd
+from conftest import REPO, build_tiny_model, tiny_overrides
+from helpers import METHOD_SETTINGS, adapter, ddp_cmd, free_port, history, launch_cmd, run, train_cmd
 
 MATRIX = [
     ("ddp", "lora"),
@@ -68,27 +71,44 @@ EQUIVALENCE = {"training.micro_batch_size": 2, "training.max_steps": 5, "trainin
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(tiny_model_dir, tiny_data, tmp_path_factory):
-    """The DDP run of a method (run once per method, on first use)."""
+def ddp_reference(tiny_data, tmp_path_factory):
+    """The DDP run of a method on a model (run once per pair, on first use)."""
     runs = {}
 
-    def reference(method: str):
-        if method not in runs:
+    def reference(method: str, model_dir):
+        if (method, model_dir) not in runs:
             out = tmp_path_factory.mktemp(f"ddp-{method}")
-            proc = run(launch_cmd("ddp", tiny_model_dir, tiny_data, out, **EQUIVALENCE, **{"method.name": method}))
+            settings = {**EQUIVALENCE, **METHOD_SETTINGS[method], "method.name": method}
+            proc = run(launch_cmd("ddp", model_dir, tiny_data, out, **settings))
             assert proc.returncode == 0, proc.stderr[-2000:]
-            runs[method] = out
-        return runs[method]
+            runs[method, model_dir] = out
+        return runs[method, model_dir]
 
     return reference
 
 
-@pytest.mark.parametrize("backend, method", [("zero3", "lora"), ("zero3", "qlora"), ("fsdp2", "lora"), ("fsdp2", "qlora")])
-def test_sharded_backends_follow_the_ddp_loss_curve(backend, method, ddp_reference, tiny_model_dir, tiny_data, tmp_path):
+SHARDED = [
+    ("zero3", "lora", "tied"),
+    ("zero3", "qlora", "tied"),
+    ("fsdp2", "lora", "tied"),
+    ("fsdp2", "qlora", "tied"),
+    ("fsdp2", "lora", "untied"),
+    ("fsdp2", "prompt_tuning", "untied"),
+]
+
+
+@pytest.mark.parametrize("backend, method, head", SHARDED, ids=[f"{b}-{m}" + ("-untied" if h == "untied" else "") for b, m, h in SHARDED])
+def test_sharded_backends_follow_the_ddp_loss_curve(
+    backend, method, head, ddp_reference, tiny_model_dir, untied_model_dir, tiny_data, tmp_path
+):
     """Same loss curve and adapter as DDP. This also checks that what rank 1 received from rank 0 under
-    memory-efficient loading (4-bit weights and their quantisation state included) is the real base."""
-    reference = ddp_reference(method)
-    proc = run(launch_cmd(backend, tiny_model_dir, tiny_data, tmp_path / backend, **EQUIVALENCE, **{"method.name": method}))
+    memory-efficient loading (4-bit weights and their quantisation state included) is the real base. Untied, FSDP2
+    shards the embedding and the head as units of their own; prompt tuning calls the embedding itself, outside the
+    base model's forward."""
+    model_dir = untied_model_dir if head == "untied" else tiny_model_dir
+    reference = ddp_reference(method, model_dir)
+    settings = {**EQUIVALENCE, **METHOD_SETTINGS[method], "method.name": method}
+    proc = run(launch_cmd(backend, model_dir, tiny_data, tmp_path / backend, **settings))
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.testing.assert_close(torch.tensor(history(tmp_path / backend)), torch.tensor(history(reference)), rtol=1e-5, atol=1e-6)
     a, b = adapter(reference), adapter(tmp_path / backend)
@@ -99,6 +119,28 @@ def test_sharded_backends_follow_the_ddp_loss_curve(backend, method, ddp_referen
     # whole tensors: within 0.1% of the tensor's norm.
     for k in a:
         assert torch.linalg.norm(b[k] - a[k]) <= 1e-3 * torch.linalg.norm(a[k]), k
+
+
+@pytest.mark.parametrize(
+    "method, tied", [("lora", False), ("prompt_tuning", False), ("lora", True)], ids=["lora-untied", "prompt_tuning-untied", "lora-tied"]
+)
+def test_fsdp2_units_are_the_layers_and_the_untied_embedding_and_head(method, tied, tiny_tokenizer):
+    """Each decoder layer is an FSDP unit, and so are the input embedding and the output head unless tied: one
+    Parameter, which only the root unit can own. The layout needs no second process (FSDP2 over a group of one)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cfg = load_config(None, [f"method.name={method}", "data.packing=false"])
+    model = attach_adapter(build_tiny_model(len(tiny_tokenizer), tie=tied), cfg)
+    layers = decoder_layers(model)  # found by class name, which sharding changes
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        shard_model(model, FSDPSettings(reshard_after_forward=True, offload_params=False, ram_efficient_loading=True), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in layers)
+    inner = causal_lm(model)
+    assert isinstance(inner.get_input_embeddings(), FSDPModule) == (not tied)
+    assert isinstance(inner.get_output_embeddings(), FSDPModule) == (not tied)
 
 
 @pytest.mark.parametrize(

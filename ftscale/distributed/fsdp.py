@@ -1,4 +1,5 @@
-"""FSDP2: torch's `fully_shard` on every decoder layer, then on the root module; its checkpoint state access.
+"""FSDP2: torch's `fully_shard` on every decoder layer, the input embedding and the output head (untied), then on
+the root module; its checkpoint state access.
 
 ftscale applies it itself rather than through accelerate: accelerate turns FSDP on only for CUDA launches, and one
 code path on CPU and GPU means the path the tests run is the path GPU jobs run. Accelerate still forms the process
@@ -20,6 +21,7 @@ from ftscale.distributed.backend import Backend
 from ftscale.distributed.ddp import PlainAccess
 from ftscale.distributed.launch import FSDPSettings
 from ftscale.distributed.tensors import broadcast_buffers_from_rank0, full_tensor, local_tensor, shard_like
+from ftscale.model.loading import causal_lm
 
 log = logging.getLogger("ftscale")
 
@@ -109,19 +111,38 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.Module:
-    """Shard in place, each layer a unit of its own; every rank must hold the same values before (seeded init)."""
+    """Shard in place: each decoder layer a unit of its own, and so are the input embedding and the output head of
+    an untied model; every rank must hold the same values before (seeded init)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     offload = CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()
+    reshard = settings.reshard_after_forward
+    embedding, head = separate_embedding_and_head(model)
+    if embedding is not None:  # first in forward, last in backward (a frozen one fed token ids has none): as a layer
+        fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, offload_policy=offload)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
+    if head is not None:  # last in forward, first in backward: freeing it in between would only gather it again
+        fully_shard(head, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     for encoder in prompt_encoders(model):  # a unit of its own, so saving can gather it alone (see unsharded)
         fully_shard(encoder, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
-    # The root unit holds embeddings, final norm and head (tied or not); backward needs them first, so keep them.
+    # The root unit holds the rest: the final norm (small), and embedding and head when tied. Backward starts with
+    # them, so keep them.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     return model
+
+
+def separate_embedding_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input embedding, output head) to shard as units of their own, or (None, None) to leave them to the root
+    unit: when the model has no head, or when they share one Parameter (tied), which only one unit can own."""
+    inner = causal_lm(model)
+    embedding = inner.get_input_embeddings() if inner is not None else None
+    head = inner.get_output_embeddings() if inner is not None else None
+    if embedding is None or head is None or embedding.weight is head.weight:
+        return None, None
+    return embedding, head
 
 
 def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
