@@ -57,27 +57,36 @@ def seed_lora():
     )
 
 
-def run_ftscale(tmp: Path, steps: int, settings: list[str], model: Path, method: str) -> dict:
+def ftscale_config(tmp: Path, args):
+    """ftscale's config for this run: the seed notebook's, on this model and data, with `--set` overrides (and
+    with `--same-batches`, one example per row)."""
     from ftscale.config import load_config
-    from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
-    from ftscale.model.memory_estimate import ModelShape, estimate_training_memory
-    from ftscale.recipes.sft import recipe_main
 
-    out = tmp / "ftscale"
+    steps, model, method = args.steps, args.model, args.method
+    settings = [*args.set, *(["data.packing=false"] if args.same_batches else [])]
     overrides = [
         f"model.path={model}",
         f"method.name={method}",
         f"data.train=[{{path: {tmp / 'train.jsonl'}}}]",
         f"data.eval=[{{path: {tmp / 'eval.jsonl'}}}]",
         f"data.cache_dir={tmp / 'cache'}",
-        f"training.output_dir={out}",
+        f"training.output_dir={tmp / 'ftscale'}",
         f"training.max_steps={steps}",
         "logging.console=false",
         *settings,
     ]
-    cfg = load_config(REPO / "configs/smollm2-135m/seed-notebook.yaml", overrides)
+    return load_config(REPO / "configs/smollm2-135m/seed-notebook.yaml", overrides)
+
+
+def run_ftscale(tmp: Path, args) -> dict:
+    from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
+    from ftscale.model.memory_estimate import ModelShape, estimate_training_memory
+    from ftscale.recipes.sft import recipe_main
+
+    out = tmp / "ftscale"
+    cfg = ftscale_config(tmp, args)
     resolved, chosen = resolve_auto(cfg, DeviceCapabilities.detect())
-    estimate = estimate_training_memory(ModelShape.read(model), resolved, resolved.training.gradient_checkpointing)
+    estimate = estimate_training_memory(ModelShape.read(args.model), resolved, resolved.training.gradient_checkpointing)
     summary = recipe_main(cfg)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "time/train_s" in r]
@@ -86,6 +95,9 @@ def run_ftscale(tmp: Path, steps: int, settings: list[str], model: Path, method:
         "real_tokens_per_s": sum(r["perf/tokens_per_s"] * r["time/train_s"] for r in train) / seconds,
         "loss_tokens_per_s": sum(r["perf/loss_tokens_per_s"] * r["time/train_s"] for r in train) / seconds,
         "mfu": sum(r["perf/mfu"] * r["time/train_s"] for r in train) / seconds,
+        # Without the first two steps, which pay one-off costs (torch.compile's compilation, allocator warm-up).
+        "real_tokens_per_s_after_step_2": sum(r["perf/tokens_per_s"] * r["time/train_s"] for r in train[2:])
+        / max(sum(r["time/train_s"] for r in train[2:]), 1e-9),
         "final_train_loss": summary["final_train_loss"],
         "eval_loss": summary["eval_loss_after"],
         "auto": chosen,
@@ -93,16 +105,41 @@ def run_ftscale(tmp: Path, steps: int, settings: list[str], model: Path, method:
     }
 
 
-def _examples(tmp: Path, tokenizer):
-    """The same tokenized examples ftscale trains on (chat template, assistant-only loss, truncation)."""
+def micro_batches(tmp: Path, tokenizer, args):
+    """Each optimizer step's micro-batches, as lists of (input_ids, labels): the same tokenized examples ftscale
+    trains on (chat template, assistant-only loss, truncation), in the loop's own shuffle; or with `--same-batches`
+    exactly the batches ftscale's sampler gives its unpacked rows (the same data in the same order)."""
+    import torch
+
     from ftscale.config.data import DataConfig, DataSource
-    from ftscale.data import tokenize_sources
+    from ftscale.data import StepSampler, build_datasets, tokenize_sources
 
+    steps = args.steps
+    if args.same_batches:
+        cfg = ftscale_config(tmp, args)
+        t = cfg.training
+        sampler = StepSampler(
+            build_datasets(cfg.data, tokenizer, t.seed, 0).train, t.micro_batch_size, t.gradient_accumulation_steps, 0, 1, t.seed
+        )
+        for step in range(steps):
+            yield [[(r.input_ids, r.labels) for r in rows] for rows in sampler.micro_batches(step)]
+        return
     examples, _ = tokenize_sources([DataSource(path=str(tmp / "train.jsonl"))], DataConfig(max_seq_len=SEED["max_len"]), tokenizer)
-    return examples
+    order, k = torch.randperm(len(examples)).tolist(), 0
+    for _ in range(steps):
+        step = []
+        for _ in range(SEED["accumulation"]):
+            step.append(
+                [
+                    (examples[order[(k + i) % len(order)]].input_ids, examples[order[(k + i) % len(order)]].labels)
+                    for i in range(SEED["batch"])
+                ]
+            )
+            k += SEED["batch"]
+        yield step
 
 
-def run_peft(tmp: Path, steps: int, settings: list[str], model_dir: Path, method: str) -> dict:
+def run_peft(tmp: Path, args) -> dict:
     """The loop a careful user writes by hand: padded batches, the model's own loss, accumulation, clipping."""
     import torch
     from peft import get_peft_model
@@ -113,11 +150,11 @@ def run_peft(tmp: Path, steps: int, settings: list[str], model_dir: Path, method
     from ftscale.model.loading import load_tokenizer
 
     torch.manual_seed(0)
+    model_dir = args.model
     tokenizer, _ = load_tokenizer(ModelConfig(path=str(model_dir)))
-    examples = _examples(tmp, tokenizer)
-    order = torch.randperm(len(examples)).tolist()
+    steps_data = list(micro_batches(tmp, tokenizer, args))
     device = "cuda" if cuda() else "cpu"
-    if method == "qlora":
+    if args.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype(), quantization_config=quantization(), device_map=device)
@@ -128,18 +165,16 @@ def run_peft(tmp: Path, steps: int, settings: list[str], model_dir: Path, method
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SEED["lr"])
     model.train()
     real = loss_tokens = 0
-    losses, start, k = [], time.perf_counter(), 0
-    for _ in range(steps):
-        for _ in range(SEED["accumulation"]):
-            batch = [examples[order[(k + i) % len(order)]] for i in range(SEED["batch"])]
-            k += SEED["batch"]
-            width = max(len(e.input_ids) for e in batch)
+    losses, start = [], time.perf_counter()
+    for step in steps_data:
+        for batch in step:
+            width = max(len(input_ids) for input_ids, _ in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id)
             labels = torch.full((len(batch), width), -100)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, e in enumerate(batch):
-                n = len(e.input_ids)
-                ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+            for r, (input_ids, row_labels) in enumerate(batch):
+                n = len(input_ids)
+                ids[r, :n], labels[r, :n], mask[r, :n] = torch.as_tensor(input_ids), torch.as_tensor(row_labels), 1
             real += int(mask.sum())
             loss_tokens += int((labels[:, 1:] != -100).sum())
             with torch.autocast(device, dtype=dtype(), enabled=cuda()):
@@ -159,7 +194,7 @@ def run_peft(tmp: Path, steps: int, settings: list[str], model_dir: Path, method
     }
 
 
-def run_trl(tmp: Path, steps: int, settings: list[str], model: Path, method: str) -> dict:
+def run_trl(tmp: Path, args) -> dict:
     """TRL's SFTTrainer as the seed notebook configured it (gradient checkpointing on, no packing, TRL's default loss
     masking); bf16 on CUDA, and for QLoRA the same 4-bit base as the others."""
     try:
@@ -175,7 +210,7 @@ def run_trl(tmp: Path, steps: int, settings: list[str], model: Path, method: str
         learning_rate=SEED["lr"],
         max_grad_norm=SEED["clip"],
         lr_scheduler_type="constant",
-        max_steps=steps,
+        max_steps=args.steps,
         max_length=SEED["max_len"],
         gradient_checkpointing=True,
         include_num_input_tokens_seen="non_padding",
@@ -183,10 +218,10 @@ def run_trl(tmp: Path, steps: int, settings: list[str], model: Path, method: str
         logging_steps=1,
         save_strategy="no",
         bf16=cuda(),
-        model_init_kwargs={"dtype": dtype(), **({"quantization_config": quantization()} if method == "qlora" else {})},
+        model_init_kwargs={"dtype": dtype(), **({"quantization_config": quantization()} if args.method == "qlora" else {})},
     )
     data = load_dataset("json", data_files=str(tmp / "train.jsonl"), split="train")
-    trainer = SFTTrainer(model=str(model), args=config, train_dataset=data, peft_config=seed_lora())
+    trainer = SFTTrainer(model=str(args.model), args=config, train_dataset=data, peft_config=seed_lora())
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -200,7 +235,7 @@ RUNNERS = {"ftscale": run_ftscale, "peft": run_peft, "trl": run_trl}
 def child(system: str, tmp: Path, args, settings: list[str]) -> dict:
     """Run one system in its own process; its result and peak RSS (KiB on Linux, from wait4)."""
     command = [sys.executable, __file__, "--run", system, "--tmp", str(tmp), "--steps", str(args.steps), "--model", str(args.model)]
-    command += ["--method", args.method, *(f"--set={s}" for s in settings)]
+    command += ["--method", args.method, *(f"--set={s}" for s in settings), *(["--same-batches"] if args.same_batches else [])]
     proc = subprocess.Popen(command, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
     result_file = tmp / f"{system}.json"
@@ -217,11 +252,16 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for ftscale's run")
     ap.add_argument("--model", type=Path, default=MODEL, help="model folder (default: the imported SmolLM2-135M-Instruct)")
     ap.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    ap.add_argument(
+        "--same-batches",
+        action="store_true",
+        help="ftscale without packing, and the peft loop on ftscale's very micro-batches: the same data in the same order",
+    )
     ap.add_argument("--run", choices=list(RUNNERS), help=argparse.SUPPRESS)
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
-        result = RUNNERS[args.run](args.tmp, args.steps, args.set, args.model, args.method)
+        result = RUNNERS[args.run](args.tmp, args)
         if cuda():
             import torch
 
@@ -237,8 +277,10 @@ def main() -> None:
         write_dataset(tmp / "eval.jsonl", 32, seed=1)
         results = {}
         for system in args.systems.split(","):
-            results[system] = child(system, tmp, args, args.set if system == "ftscale" else [])
-            head = {"bench": "train_throughput", "model": args.model.name, "method": args.method, "steps": args.steps, "settings": args.set}
+            # With --same-batches the loop reads ftscale's data settings too, to take the same batches.
+            results[system] = child(system, tmp, args, args.set if system == "ftscale" or args.same_batches else [])
+            head = {"bench": "train_throughput", "model": args.model.name, "method": args.method, "steps": args.steps}
+            head |= {"settings": args.set, "same_batches": args.same_batches}
             print(json.dumps({**head, **results[system]}), flush=True)
     ratios = {}
     base = results.get("peft", {})

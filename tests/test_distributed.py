@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from ftscale.config import PROMPT_METHODS, load_config
-from ftscale.distributed.fsdp import decoder_layers, shard_model
+from ftscale.distributed.fsdp import shard_model
 from ftscale.distributed.launch import FSDPSettings
 from ftscale.methods import attach_adapter, load_adapter
-from ftscale.model.loading import causal_lm, load_base_model
+from ftscale.model.loading import causal_lm, decoder_layers, load_base_model
 from ftscale.recipes.sft import SFTRecipe
 
 from conftest import REPO, build_tiny_model, tiny_overrides

@@ -104,15 +104,28 @@ def test_same_seed_same_run(tiny_model_dir, tiny_data, tmp_path):
     assert curves[0] == curves[1]
 
 
-def test_gradient_checkpointing_gives_the_same_loss(tiny_model_dir, tiny_data, tmp_path):
-    curves = []
-    for gc in (False, True):
-        recipe = run_recipe(
-            tiny_model_dir, tiny_data, tmp_path / str(gc), **{"training.max_steps": 3, "training.gradient_checkpointing": gc}
-        )
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("gradient_checkpointing", True, True),
+        ("compile", True, True),  # torch.compile of each decoder layer (inductor, on this CPU)
+        ("loss_chunk_size", "null", None),  # the head in one piece; the default is chunks of 1024 positions
+        ("loss_chunk_size", 5, 5),
+    ],
+    ids=["checkpointing", "compile", "loss-unchunked", "loss-chunks-of-5"],
+)
+def test_speed_settings_give_the_same_losses_and_adapter(key, value, expected, tiny_model_dir, tiny_data, tmp_path):
+    curves, adapters = [], []
+    for name, settings in (("reference", {"training.gradient_checkpointing": False}), ("setting", {f"training.{key}": value})):
+        recipe = run_recipe(tiny_model_dir, tiny_data, tmp_path / name, **{"training.max_steps": 3, **settings})
         recipe.train()
         curves.append(train_losses(recipe.history))
+        adapters.append({n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad})
+    assert getattr(recipe.cfg.training, key) == expected
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
+    assert adapters[0].keys() == adapters[1].keys()  # compiling in place keeps the parameter names
+    for n, p in adapters[0].items():  # Adam's first steps are about +-lr wherever a gradient is near 0: rounding shows
+        torch.testing.assert_close(p, adapters[1][n], rtol=1e-3, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_bf16_autocast_trains(tiny_model_dir, tiny_data, tmp_path):

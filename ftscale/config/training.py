@@ -44,6 +44,9 @@ class TrainingConfig(Section):
         "auto",
         description="Recompute activations in backward to save memory; auto: when the memory estimate passes 80% of what a process has.",
     )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer; the first steps pay the compile time (measured in bench/RESULTS.md)."
+    )
     log_every: int = Field(1, gt=0, description="Optimizer steps between console/W&B log lines.")
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between held-out evaluations (null: only at start and end).")
     eval_generate_examples: int = Field(

@@ -16,12 +16,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ftscale.checkpoint.state import OPTIMIZER_KEYS, SEP, check_complete, restore_optimizer, restore_parameters
-from ftscale.config import PROMPT_METHODS, ConfigError
+from ftscale.config import PROMPT_METHODS
 from ftscale.distributed.backend import Backend
 from ftscale.distributed.ddp import PlainAccess
 from ftscale.distributed.launch import FSDPSettings
 from ftscale.distributed.tensors import broadcast_buffers_from_rank0, full_tensor, local_tensor, shard_like
-from ftscale.model.loading import causal_lm
+from ftscale.model.loading import causal_lm, decoder_layers
 
 log = logging.getLogger("ftscale")
 
@@ -101,15 +101,6 @@ class FSDPAccess(PlainAccess):
         restore_optimizer(self.optimizer, params, moments, groups)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: transformers names them in `_no_split_modules`."""
-    names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ConfigError(f"FSDP2: {type(model).__name__} declares no decoder layer class (_no_split_modules) to shard by")
-    return layers
-
-
 def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.Module:
     """Shard in place: each decoder layer a unit of its own, and so are the input embedding and the output head of
     an untied model; every rank must hold the same values before (seeded init)."""
@@ -122,7 +113,7 @@ def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) 
     embedding, head = separate_embedding_and_head(model)
     if embedding is not None:  # first in forward, last in backward (a frozen one fed token ids has none): as a layer
         fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model, "FSDP2 shards by"):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
     if head is not None:  # last in forward, first in backward: freeing it in between would only gather it again
         fully_shard(head, mesh=mesh, reshard_after_forward=False, offload_policy=offload)

@@ -1,11 +1,14 @@
-"""Liger's Triton kernels on CUDA (`model.liger_kernels`): RMSNorm, RoPE and SwiGLU patched into the loaded model,
-and its fused linear cross-entropy for the loss. Imported only where they are on, so CPU runs never import them."""
+"""Faster code for the loaded model's own computation: Liger's Triton kernels on CUDA (`model.liger_kernels`:
+RMSNorm, RoPE and SwiGLU patched into the model, and its fused linear cross-entropy for the loss; imported only
+where they are on, so CPU runs never import them), and torch.compile of the decoder layers (`training.compile`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from torch import nn
+
+from ftscale.model.loading import decoder_layers
 
 
 def apply_liger_kernels(model: nn.Module) -> Callable:
@@ -18,3 +21,13 @@ def apply_liger_kernels(model: nn.Module) -> Callable:
     kernels = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
     _apply_liger_kernel_to_instance(model=model, **kernels)
     return liger_fused_linear_cross_entropy
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile each decoder layer in place (`Module.compile`: parameter names do not change, so checkpoints
+    and adapters are the same), with dynamic shapes since rows vary in length. Per layer, not the whole model, as
+    torchtune and torchtitan do: one small graph compiled once serves every layer. Returns the layers compiled."""
+    layers = decoder_layers(model, "training.compile compiles")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

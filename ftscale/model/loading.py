@@ -83,6 +83,16 @@ def load_base_model(
     return model
 
 
+def decoder_layers(model: nn.Module, use: str = "") -> list[nn.Module]:
+    """The model's repeated blocks, which transformers names in `_no_split_modules`; `use` says what needs them,
+    for the error where a model declares none."""
+    names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules){' that ' + use if use else ''}")
+    return layers
+
+
 def causal_lm(model: nn.Module) -> PreTrainedModel | None:
     """The transformers model inside whatever wraps it (peft, ftscale's bottleneck adapters), or None."""
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)

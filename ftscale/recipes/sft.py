@@ -30,7 +30,7 @@ from ftscale.evaluation.generation import count_exact_matches, prompts_and_answe
 from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
-from ftscale.model.kernels import apply_liger_kernels
+from ftscale.model.kernels import apply_liger_kernels, compile_decoder_layers
 from ftscale.model.loading import load_tokenizer
 from ftscale.observability.flops import device_peak_flops, model_flops
 from ftscale.observability.logger import MetricLogger
@@ -121,6 +121,8 @@ class SFTRecipe:
         model = attach_adapter(model, cfg)
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.training.compile:
+            log.info("training.compile: %d decoder layers compiled (the first steps compile them)", compile_decoder_layers(model))
         self.model = self.backend.parallelize(model)
         trainable, total = self.backend.parameter_counts(self.model)
         self.trainable = trainable
