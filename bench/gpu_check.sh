@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 14 on one GPU, in about 5 minutes: bf16 LoRA and QLoRA on a SmolLM2-135M-shaped and a
-# ~1B Llama-shaped model (random weights: the speed is the same), ftscale against TRL's SFTTrainer with the seed
-# notebook's settings (and a plain peft loop on the small model), Liger kernels on and off, peak CUDA memory
-# against ftscale's estimate. One JSON line per run in $OUT/gpu_check.jsonl (bench/RESULTS.md has the figures).
+# The CUDA checks of issue 14 on one GPU: bf16 LoRA and QLoRA on a SmolLM2-135M-shaped and a ~1B Llama-shaped
+# model (random weights: the speed is the same), ftscale against TRL's SFTTrainer with the seed notebook's settings
+# (and a plain peft loop on the small model), Liger kernels on and off, peak CUDA memory against ftscale's
+# estimate. One JSON line per run in $OUT/gpu_check.jsonl, then the checks: ftscale at least 1.5x TRL's real
+# tokens/s, QLoRA's training peak within 20% of the estimate. Exits non-zero when a run failed or a check did not
+# hold. Each run is capped at RUN_TIMEOUT seconds (the whole at about 5x that); not yet run on a GPU.
 #
 #   bash bench/gpu_check.sh   # env: STEPS=40 CONVERSATIONS=400 TOKENIZER=<model folder with a tokenizer> RUN_TIMEOUT=240 OUT=...
 #
@@ -68,4 +70,21 @@ run smollm2-135m qlora ftscale,trl
 run llama-1b lora ftscale,trl
 run llama-1b lora ftscale model.liger_kernels=false
 run llama-1b qlora ftscale,trl
-echo "gpu_check: $(wc -l <"$LOG") lines in $LOG"
+
+$PY - "$LOG" <<'PY' | tee -a "$LOG"
+import json, sys
+lines = [json.loads(line) for line in open(sys.argv[1]) if line.startswith('{"bench"')]  # not the libraries' printed dicts
+runs = [r for r in lines if r.get("bench") == "train_throughput" and "system" in r]
+failed = [f"{r['model']} {r['method']} {r['system']}: {r['error']}" for r in runs if "error" in r]
+checks = []
+for r in lines:
+    if r.get("bench") == "train_throughput" and "ftscale_over_trl_tokens_per_s" in r.get("ratios", {}):
+        ratio = r["ratios"]["ftscale_over_trl_tokens_per_s"]
+        checks.append({"check": f"{r['model']} {r['method']}: ftscale / TRL real tokens/s >= 1.5", "value": ratio, "ok": ratio >= 1.5})
+for r in runs:
+    if r["system"] == "ftscale" and r["method"] == "qlora" and r.get("train_peak_cuda_gb"):
+        ratio = r["train_peak_cuda_gb"] / r["memory_estimate_gb"]["total"]
+        checks.append({"check": f"{r['model']} qlora: training peak / estimate within 20%", "value": round(ratio, 3), "ok": 0.8 <= ratio <= 1.2})
+print(json.dumps({"bench": "gpu_check", "runs": len(runs), "failed": failed, "checks": checks}))
+sys.exit(1 if failed or not runs or not all(c["ok"] for c in checks) else 0)
+PY

@@ -101,6 +101,8 @@ def run_ftscale(tmp: Path, args) -> dict:
         "final_train_loss": summary["final_train_loss"],
         "eval_loss": summary["eval_loss_after"],
         "auto": chosen,
+        # The recipe's own peak over the training steps (evaluation apart), which the estimate is for.
+        "train_peak_cuda_gb": max((r.get("mem/device_max_allocated_gb", 0) for r in train), default=None) if cuda() else None,
         "memory_estimate_gb": {k: round(v / 1e9, 3) for k, v in {**vars(estimate), "total": estimate.total}.items()},
     }
 
@@ -146,7 +148,6 @@ def run_peft(tmp: Path, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from ftscale.config.model import ModelConfig
-    from ftscale.evaluation.compare import heldout_loss
     from ftscale.model.loading import load_tokenizer
 
     torch.manual_seed(0)
@@ -190,8 +191,23 @@ def run_peft(tmp: Path, args) -> dict:
         "real_tokens_per_s": real / seconds,
         "loss_tokens_per_s": loss_tokens / seconds,
         "final_train_loss": sum(losses[-SEED["accumulation"] :]) / SEED["accumulation"],
-        "eval_loss": heldout_loss(model, tokenizer, str(tmp / "eval.jsonl")),
+        "eval_loss": ftscale_heldout_loss(model, tokenizer, tmp, args, device),
     }
+
+
+def ftscale_heldout_loss(model, tokenizer, tmp: Path, args, device) -> float:
+    """The held-out loss exactly as ftscale's recipe measures it (its held-out rows: the same truncation to
+    max_seq_len, token-weighted), so the two systems' figures compare."""
+    import torch
+
+    from ftscale.data import build_datasets, collate
+    from ftscale.evaluation.heldout import summed_loss
+
+    cfg = ftscale_config(tmp, args)
+    rows = build_datasets(cfg.data, tokenizer, cfg.training.seed, 0).eval
+    with torch.no_grad():
+        sums = [summed_loss(model, [row], lambda rows: collate(rows, tokenizer.pad_token_id, packed=False), device) for row in rows]
+    return sum(s for s, _ in sums) / sum(n for _, n in sums)
 
 
 def run_trl(tmp: Path, args) -> dict:

@@ -14,8 +14,9 @@ import torch
 from ftscale.config import load_config
 from ftscale.data import collate
 from ftscale.methods import load_adapter
-from ftscale.model.loading import load_base_model
+from ftscale.model.loading import causal_lm, decoder_layers, load_base_model
 from ftscale.recipes.sft import SFTRecipe
+from ftscale.training.loss import ChunkedHeadLoss, loss_on_labelled_positions
 
 from conftest import REPO, tiny_overrides
 from helpers import METHOD_SETTINGS, train_losses
@@ -122,6 +123,17 @@ def test_speed_settings_give_the_same_losses_and_adapter(key, value, expected, t
         curves.append(train_losses(recipe.history))
         adapters.append({n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad})
     assert getattr(recipe.cfg.training, key) == expected
+    model = causal_lm(recipe.model)  # and the setting took effect
+    ran = {
+        "gradient_checkpointing": lambda: model.is_gradient_checkpointing,
+        "compile": lambda: all(layer._compiled_call_impl is not None for layer in decoder_layers(model)),
+        "loss_chunk_size": lambda: (
+            recipe.loss is loss_on_labelled_positions
+            if expected is None
+            else isinstance(recipe.loss, ChunkedHeadLoss) and recipe.loss.chunk == 5
+        ),
+    }
+    assert ran[key]()
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
     assert adapters[0].keys() == adapters[1].keys()  # compiling in place keeps the parameter names
     for n, p in adapters[0].items():  # Adam's first steps are about +-lr wherever a gradient is near 0: rounding shows

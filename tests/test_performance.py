@@ -14,9 +14,11 @@ from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
 from ftscale.model.loading import causal_lm
 from ftscale.model.memory_estimate import ModelShape, estimate_training_memory
 from ftscale.recipes.sft import SFTRecipe
-from ftscale.training.loss import ChunkedHeadLoss, chunkable_head, loss_on_labelled_positions, supports_labelled_head
+from ftscale.training.loss import ChunkedHeadLoss, chunkable_head, loss_on_labelled_positions, supports_labelled_head, training_loss
 
 from conftest import build_tiny_model, tiny_overrides
+
+SHAPE = ModelShape(hidden=576, layers=30, intermediate=1536, vocab=49152, kv_width=192, tied=True)  # SmolLM2-135M's
 
 
 def rows(tokenizer_size: int) -> list:
@@ -71,13 +73,55 @@ def test_the_head_on_labelled_positions_gives_the_same_loss_and_gradients(layout
         torch.testing.assert_close(model(**batch, use_cache=False).loss, reference)
 
 
+def test_the_chunked_loss_keeps_the_head_bias_and_stands_aside_where_the_logits_are_not_the_head_output(tiny_tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = attach_adapter(build_tiny_model(len(tiny_tokenizer)), load_config(None, []))
+    inner = causal_lm(model)
+    inner.lm_head = torch.nn.Linear(inner.config.hidden_size, inner.config.vocab_size, bias=True).requires_grad_(False)
+    torch.nn.init.normal_(inner.lm_head.bias, std=2.0)  # large enough that dropping it would show
+    examples = rows(len(tiny_tokenizer))
+    batch_rows = [packed_row([e], packed=False) for e in examples]
+    batch = collate(batch_rows, 0, packed=False)
+    count = sum(r.loss_tokens for r in batch_rows)
+    assert chunkable_head(model) is inner.lm_head
+    with torch.no_grad():
+        torch.testing.assert_close(ChunkedHeadLoss(inner.lm_head, chunk=4)(model, dict(batch), count), model(**batch).loss)
+    # An adapter on the head, or a trained head: the head's own forward must run.
+    on_head = attach_adapter(build_tiny_model(len(tiny_tokenizer)), load_config(None, ["method.lora.target_modules=[q_proj,lm_head]"]))
+    assert chunkable_head(on_head) is None
+    cfg = load_config(None, [])
+    assert training_loss(on_head, cfg.training, "lora")[0] is loss_on_labelled_positions
+    # Gemma 2 soft-caps its logits after the head.
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    )
+    assert supports_labelled_head(gemma) and chunkable_head(gemma) is None
+
+
+def test_liger_kernels_set_true_without_cuda_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model.liger_kernels=true needs a CUDA device and liger-kernel installed"):
+        resolve_auto(load_config(None, ["model.liger_kernels=true"]), DeviceCapabilities(False, False, False, memory=2**40), SHAPE)
+    cfg, chosen = resolve_auto(load_config(None, []), DeviceCapabilities(False, False, False, memory=2**40), SHAPE)
+    assert cfg.model.liger_kernels is False and not any("liger" in c for c in chosen)  # auto: off, and not worth a line on CPU
+
+
 def settings(cfg) -> tuple[str, str, str, str]:
     return cfg.model.dtype, cfg.training.precision, cfg.method.quantization.compute_dtype, cfg.model.attn_implementation
 
 
 def test_auto_picks_bf16_and_flash_attention_where_the_device_has_them():
     cfg = load_config(None, ["method.name=qlora"])
-    cpu, chosen = resolve_auto(cfg, DeviceCapabilities(cuda=False, bf16=False, flash_attention=False, memory=2**40))
+    cpu, chosen = resolve_auto(cfg, DeviceCapabilities(cuda=False, bf16=False, flash_attention=False, memory=2**40), SHAPE)
     assert chosen[:4] == [
         "model.dtype=float32",
         "training.precision=fp32",
@@ -86,18 +130,18 @@ def test_auto_picks_bf16_and_flash_attention_where_the_device_has_them():
     ]
     assert chosen[4].startswith("training.gradient_checkpointing=false (estimate ")  # with a terabyte to spare
     assert settings(cpu) == ("float32", "fp32", "float32", "sdpa")
-    gpu, _ = resolve_auto(cfg, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40))
+    gpu, _ = resolve_auto(cfg, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40), SHAPE)
     assert settings(gpu) == ("bfloat16", "bf16", "bfloat16", "flash_attention_2")
     # Values set in the config are kept; flash-attention only where the weights are half precision; a config without
     # `auto` left is returned as it was.
     explicit = load_config(None, ["model.dtype=float32", "training.precision=fp32", "training.gradient_checkpointing=false"])
-    kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40))
+    kept, chosen = resolve_auto(explicit, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40), SHAPE)
     assert settings(kept) == ("float32", "fp32", "float32", "sdpa")  # compute_dtype fixed: LoRA checkpoints compare equal
     assert chosen == ["model.attn_implementation=sdpa", "model.liger_kernels=false"]  # compute_dtype only matters (and is shown) for QLoRA
-    assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40)) == (kept, [])
+    assert resolve_auto(kept, DeviceCapabilities(cuda=True, bf16=True, flash_attention=True, memory=2**40), SHAPE) == (kept, [])
     mixed = load_config(None, ["method.name=qlora", "model.dtype=float16"])
     with pytest.raises(ConfigError, match="auto settings for this device .*training.precision=bf16.*mixes half formats"):
-        resolve_auto(mixed, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False, memory=2**40))
+        resolve_auto(mixed, DeviceCapabilities(cuda=True, bf16=True, flash_attention=False, memory=2**40), SHAPE)
 
 
 def test_auto_checkpoints_gradients_when_the_estimate_passes_the_memory_a_process_has():
@@ -120,9 +164,11 @@ def test_auto_checkpoints_gradients_when_the_estimate_passes_the_memory_a_proces
     assert prompt.training.gradient_checkpointing is False and not any("checkpointing" in c for c in chosen)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_the_activation_estimate_is_close_to_what_backward_keeps(dropout, tiny_tokenizer):
-    """Counted with torch's saved-tensor hooks (each storage once) on a Llama-shaped model in fp32."""
+@pytest.mark.parametrize(
+    "method, dropout, precision", [("lora", 0.0, "fp32"), ("lora", 0.1, "fp32"), ("lora", 0.0, "bf16"), ("dora", 0.0, "fp32")]
+)
+def test_the_activation_estimate_is_close_to_what_backward_keeps(method, dropout, precision, tiny_tokenizer):
+    """Counted with torch's saved-tensor hooks (each storage once) on a Llama-shaped model, fp32 or bf16 weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -135,10 +181,16 @@ def test_the_activation_estimate_is_close_to_what_backward_keeps(dropout, tiny_t
     )
     torch.manual_seed(0)
     cfg = load_config(
-        None, [f"method.lora.dropout={dropout}", "training.micro_batch_size=2", "data.max_seq_len=96", "training.loss_chunk_size=null"]
+        None,
+        [f"method.name={method}", f"method.lora.dropout={dropout}", "training.micro_batch_size=2", "data.max_seq_len=96"]
+        + [
+            "training.loss_chunk_size=null",
+            f"training.precision={precision}",
+            f"model.dtype={'bfloat16' if precision == 'bf16' else 'float32'}",
+        ],
     )
     cfg, _ = resolve_auto(cfg, DeviceCapabilities(False, False, False, memory=2**40), ModelShape.of(config))
-    model = attach_adapter(LlamaForCausalLM(config).train(), cfg)
+    model = attach_adapter(LlamaForCausalLM(config).to(getattr(torch, cfg.model.dtype)).train(), cfg)
     storages = {}
 
     def keep(t):
@@ -146,10 +198,12 @@ def test_the_activation_estimate_is_close_to_what_backward_keeps(dropout, tiny_t
         return t
 
     ids = torch.randint(3, len(tiny_tokenizer), (2, 96))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # as the recipe runs it: autocast for bf16
     frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    logits = ids.numel() * config.vocab_size * 4  # the model's own loss keeps its log-softmax
+    logits = ids.numel() * config.vocab_size * 4  # the model's own loss keeps its log-softmax (fp32)
+    if precision == "bf16":
+        logits += ids.numel() * config.vocab_size * 2  # and, in bf16, the logits it upcast
     measured = sum(n for ptr, n in storages.items() if ptr not in frozen) - logits
     estimate = estimate_training_memory(ModelShape.of(config), cfg, checkpointing=False)
     assert 0.85 < estimate.activations / measured < 1.15

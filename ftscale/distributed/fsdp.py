@@ -115,8 +115,8 @@ def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) 
         fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
     for layer in decoder_layers(model, "FSDP2 shards by"):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
-    if head is not None:  # last in forward, first in backward: freeing it in between would only gather it again
-        fully_shard(head, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
+    if head is not None:  # as a layer too: a frozen head under the default chunked loss has no backward at all
+        fully_shard(head, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
     for encoder in prompt_encoders(model):  # a unit of its own, so saving can gather it alone (see unsharded)
         fully_shard(encoder, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     # The root unit holds the rest: the final norm (small), and embedding and head when tied. Backward starts with

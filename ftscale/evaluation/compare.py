@@ -18,7 +18,7 @@ from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import load_adapter
 from ftscale.methods.bottleneck import is_bottleneck_adapter
 from ftscale.model.loading import check_model_path
-from ftscale.training.loss import supports_labelled_head
+from ftscale.training.loss import loss_on_labelled_positions, model_loss, supports_labelled_head
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -45,8 +45,9 @@ def heldout_loss(model, tokenizer, data: str) -> float:
     examples, _ = tokenize_sources([DataSource(path=data)], cfg, tokenizer)
     device = next(model.parameters()).device
     rows = [packed_row([(np.asarray(ex.input_ids), np.asarray(ex.labels) != IGNORE_INDEX)], packed=False) for ex in examples]
-    labelled = supports_labelled_head(model) and not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
-    sums = [summed_loss(model, [row], lambda rows: collate(rows, tokenizer.pad_token_id, packed=False), device, labelled) for row in rows]
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)  # changes the sequence
+    loss = loss_on_labelled_positions if supports_labelled_head(model) and not prompt_learning else model_loss
+    sums = [summed_loss(model, [row], lambda rows: collate(rows, tokenizer.pad_token_id, packed=False), device, loss) for row in rows]
     if not sum(n for _, n in sums):
         raise DataError(f"{data}: no example with an answer to take a loss on")
     return sum(s for s, _ in sums) / sum(n for _, n in sums)

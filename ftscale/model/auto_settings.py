@@ -22,7 +22,7 @@ class DeviceCapabilities:
     bf16: bool  # the device computes in bfloat16 natively (Ampere and newer; not emulated)
     flash_attention: bool  # transformers finds a flash-attn 2 that imports and fits this device
     liger: bool = False  # liger-kernel is installed and the device runs its Triton kernels (CUDA)
-    memory: int = 0  # bytes one process may use (its GPU's, or its share of the host's available memory)
+    memory: int = 0  # bytes one process may use (its GPU's, or its share of the host's memory)
 
     @classmethod
     def detect(cls) -> DeviceCapabilities:

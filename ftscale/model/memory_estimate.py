@@ -1,8 +1,10 @@
 """What one process's training needs in memory, estimated from the model's config before it is loaded: it decides
 `training.gradient_checkpointing: auto`, and bench/gpu_check.sh compares it with what CUDA measured.
 
-The activation term counts the tensors a Llama-style decoder layer keeps for backward, per token; it was checked
-against torch's saved-tensor hooks (tests/test_performance.py). Attention is taken as sdpa or flash-attention
+The activation term counts the tensors a Llama-style decoder layer keeps for backward, per token; it is checked
+against torch's saved-tensor hooks for LoRA (fp32, dropout, bf16 autocast) and DoRA (tests/test_performance.py).
+QLoRA's 4-bit layers are not in that test (bitsandbytes' CPU path differs from CUDA's): bench/gpu_check.sh
+compares its training peak on a GPU. Attention is taken as sdpa or flash-attention
 (memory linear in the sequence). It is an estimate for one process holding the whole base: sharding backends need
 less, so `auto` errs towards checkpointing."""
 
@@ -13,9 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftscale.config import FtscaleConfig
+from ftscale.errors import first_line
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 256 + 4 / (64 * 256)  # 4 bits, double-quantised absmax (8 bits per 64), fp32 per 16k
+BLOCK = 64  # weights per absmax in bitsandbytes' 4-bit formats
+
+
+def four_bit_bytes_per_weight(double_quant: bool) -> float:
+    """4 bits, plus an absmax per block of 64: fp32, or with double quantisation 8 bits and an fp32 per 256 blocks."""
+    return 0.5 + (1 / BLOCK + 4 / (BLOCK * 256) if double_quant else 4 / BLOCK)
+
+
 LORA_FAMILY = ("lora", "qlora", "dora")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEADROOM = 0.8  # `auto` checkpoints when the estimate passes this share of the memory a process has
@@ -32,9 +42,17 @@ class ModelShape:
 
     @classmethod
     def read(cls, path: str | Path) -> ModelShape:
+        """From the model folder's config.json (a config error naming model.path where there is none)."""
         from transformers import AutoConfig
 
-        return cls.of(AutoConfig.from_pretrained(path))
+        from ftscale.config import ConfigError
+        from ftscale.model.loading import check_model_path
+
+        check_model_path(str(path))
+        try:
+            return cls.of(AutoConfig.from_pretrained(path))
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"model.path={path}: its config cannot be read for the memory estimate ({first_line(e)})") from None
 
     @classmethod
     def of(cls, config) -> ModelShape:
@@ -87,7 +105,7 @@ def estimate_training_memory(shape: ModelShape, cfg: FtscaleConfig, checkpointin
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
     norms = shape.hidden * (2 * shape.layers + 1)
     if method.name == "qlora":  # peft's k-bit preparation keeps the non-quantised parameters in fp32
-        base = int(linear * NF4_BYTES_PER_WEIGHT) + 4 * (embeddings + norms)
+        base = int(linear * four_bit_bytes_per_weight(method.quantization.double_quant)) + 4 * (embeddings + norms)
     else:
         base = BYTES[cfg.model.dtype] * (linear + embeddings + norms)
     adapter = 0
@@ -103,6 +121,8 @@ def estimate_training_memory(shape: ModelShape, cfg: FtscaleConfig, checkpointin
     per_token = (7 * h + 2 * kv + 4 * i) * act + (2 * h * 4 if act < 4 else 0)
     if method.name in LORA_FAMILY and method.lora.dropout > 0:
         per_token += (6 * h + i) * (act + 1)
+    if method.name == "dora":  # each projection's base output and its rescaled copy, which the magnitude needs again
+        per_token += 2 * (3 * h + 2 * kv + 2 * i) * act
     # With checkpointing each layer keeps its input, and one layer's full set exists again while it is recomputed.
     activations = tokens * (shape.layers * h * act + per_token if checkpointing else shape.layers * per_token)
     positions = min(tokens, t.loss_chunk_size or tokens) if t.head_on_labels_only else tokens
@@ -111,16 +131,14 @@ def estimate_training_memory(shape: ModelShape, cfg: FtscaleConfig, checkpointin
 
 
 def process_memory_bytes(cuda: bool) -> int:
-    """Memory one process may use: its GPU's total, or on CPU the machine's available memory shared by the
-    processes started on this node."""
+    """Memory one process may use: its GPU's total, or on CPU the machine's memory shared by the processes started
+    on this node. Totals, not what is free now: every rank must reach the same decision."""
     if cuda:
         import torch
 
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    available = next(
-        int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:")
-    )
-    return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    return total // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def needs_checkpointing(shape: ModelShape, cfg: FtscaleConfig, memory: int) -> tuple[bool, MemoryEstimate]:

@@ -311,7 +311,7 @@ class SFTRecipe:
         loss_sum = count_sum = 0.0
         for i in range(n_batches):
             rows = [self.eval_rows[r] for r in shard[i * mb : (i + 1) * mb]]
-            loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device, self.loss is not model_loss)
+            loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device, self.loss)
             if rows:
                 loss_sum, count_sum = loss_sum + loss, count_sum + count
         matches = answered = 0

@@ -12,6 +12,7 @@ Each loss is the same token-mean cross-entropy the model computes from `labels`.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 
 import torch
@@ -22,9 +23,11 @@ from ftscale.config import PROMPT_METHODS
 from ftscale.data.tokenize import IGNORE_INDEX
 from ftscale.model.loading import causal_lm
 
-# Operations some models apply to the logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling):
-# the chunked loss projects the head itself, so it is not used for them.
-_AFTER_HEAD = ("softcap", "logit_scale", "logits_scaling")
+# The chunked loss projects the head itself, so it is used only where the model's forward takes the head's output as
+# the logits unchanged: `logits = self.lm_head(...)` alone on its line, and no later `logits = ...logits...` (Gemma's
+# soft-capping, Cohere's, Granite's and Falcon-H1's scaling all have one or the other).
+_HEAD_LINE = re.compile(r"^\s*logits\s*=\s*self\.lm_head\((?:[^()]|\([^()]*\))*\)\s*$")
+_LOGITS_CHANGED = re.compile(r"^\s*logits\s+=\s+.*\blogits\b")  # an assignment (a keyword argument has no spaces)
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -48,14 +51,19 @@ def supports_labelled_head(model: nn.Module) -> bool:
     return "slice_logits_to_keep" in _forward_source(model)
 
 
+def _logits_are_the_head_output(source: str) -> bool:
+    lines = source.splitlines()
+    at = [i for i, line in enumerate(lines) if "self.lm_head(" in line]
+    return len(at) == 1 and bool(_HEAD_LINE.match(lines[at[0]])) and not any(_LOGITS_CHANGED.match(line) for line in lines[at[0] + 1 :])
+
+
 def chunkable_head(model: nn.Module) -> nn.Linear | None:
     """The output head, where the chunked loss can stand in for it: a frozen plain linear layer (not an adapter's
     wrapper, not trained) whose output the model uses as the logits unchanged."""
     inner = causal_lm(model)
     head = inner.get_output_embeddings() if inner is not None else None
-    source = _forward_source(model)
     plain = isinstance(head, nn.Linear) and not any(isinstance(m, nn.Linear) and m is not head for m in head.modules())
-    if not plain or head.weight.requires_grad or any(word in source for word in _AFTER_HEAD):
+    if not plain or any(p.requires_grad for p in head.parameters()) or not _logits_are_the_head_output(_forward_source(model)):
         return None
     return head
 
@@ -66,34 +74,39 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     neither pass keeps logits: the memory is one chunk's logits, and the FLOPs those of the unchunked head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # cast the (fp32, for QLoRA) head once, not twice per chunk
+            weight = weight.to(torch.get_autocast_dtype(device))
+            bias = None if bias is None else bias.to(weight.dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)
+        grad = torch.empty_like(hidden) if hidden.requires_grad else None  # none under no_grad (evaluation)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h, weight).float()
+            logits = F.linear(h, weight, bias).float()
             logsumexp = logits.logsumexp(-1)
             total += (logsumexp - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the chunk's logits become its softmax
-            probs[torch.arange(len(t), device=t.device), t] -= 1
-            grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad is not None:
+                probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the chunk's logits become its softmax
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, fused: Callable | None = None
+    head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, fused: Callable | None = None
 ) -> torch.Tensor:
-    """Summed cross-entropy of the head `weight` (frozen) applied to `hidden` (positions x hidden size) against
-    `targets`; `fused` is Liger's fused linear cross-entropy where it is in use."""
-    if fused is not None:
-        return fused(hidden, weight, targets, reduction="sum").float()
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    """Summed cross-entropy of the frozen `head` applied to `hidden` (positions x hidden size) against `targets`;
+    `fused` is Liger's fused linear cross-entropy where it is in use (it has no kernel for an empty input)."""
+    if fused is not None and len(targets):
+        return fused(hidden, head.weight, targets, bias=head.bias, reduction="sum").float()
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
 
 
 class ChunkedHeadLoss:
@@ -107,13 +120,13 @@ class ChunkedHeadLoss:
         self.chunk, self.fused = chunk, fused
         self._targets: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
-        head.register_forward_pre_hook(self._before_head)
+        self.hook = head.register_forward_pre_hook(self._before_head)  # for the model's lifetime: it is inert outside this loss
 
     def _before_head(self, head: nn.Module, args: tuple) -> tuple | None:
         if self._targets is None:
             return None
         hidden, targets, self._targets = args[0], self._targets, None
-        self._loss = linear_cross_entropy(hidden, head.weight, targets, self.chunk, self.fused)
+        self._loss = linear_cross_entropy(head, hidden, targets, self.chunk, self.fused)
         return (hidden[:0], *args[1:])
 
     def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor], loss_tokens: int) -> torch.Tensor:
