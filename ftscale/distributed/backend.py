@@ -28,6 +28,9 @@ class Backend:
         # Memory-efficient loading: rank 0 reads the weights, the other ranks build the model on the meta device
         # and receive only their shards. Set by the backends that do it.
         self.reads_on_rank0_only = False
+        # Whether a module's forward may be handed an empty batch by a hook (the chunked loss does that to the
+        # output head) without upsetting the backend's own per-module bookkeeping.
+        self.allows_empty_head = True
 
     # ---- model ------------------------------------------------------------------------------------------------
     def load_base(self, vocab_size: int | None) -> nn.Module:

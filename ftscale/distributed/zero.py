@@ -34,6 +34,9 @@ class ZeroBackend(Backend):
         self.reads_on_rank0_only = (
             accelerator.num_processes > 1 and self.stage == 3 and plugin.zero3_init_flag and cfg.method.name == "qlora"
         )
+        # ZeRO-3 traces every module through forward and backward; a head whose output is not in the loss's graph
+        # fails its backward check ("active_backward_submodules is empty"), so it keeps the unchunked loss.
+        self.allows_empty_head = self.stage != 3
 
     def load_base(self, vocab_size):
         from transformers.integrations import is_deepspeed_zero3_enabled

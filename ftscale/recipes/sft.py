@@ -140,7 +140,7 @@ class SFTRecipe:
     def _setup_loss(self) -> None:
         """After the backend's prepare: its hooks on the output head must come before the loss's (training_loss)."""
         model = self.accelerator.unwrap_model(self.model)
-        self.loss, how = training_loss(model, self.cfg.training, self.cfg.method.name, self.fused_loss)
+        self.loss, how = training_loss(model, self.cfg.training, self.cfg.method.name, self.fused_loss, self.backend.allows_empty_head)
         log.info("loss: %s", how)
         self.flops = model_flops(model, model.config, self.trainable, head_on_labels_only=self.loss is not model_loss)
 

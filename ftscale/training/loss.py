@@ -161,15 +161,18 @@ def model_loss(model, inputs: dict[str, torch.Tensor], loss_tokens: int) -> torc
 LossFunction = Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]
 
 
-def training_loss(model: nn.Module, training, method: str, fused: Callable | None = None) -> tuple[LossFunction, str]:
+def training_loss(
+    model: nn.Module, training, method: str, fused: Callable | None = None, chunks_allowed: bool = True
+) -> tuple[LossFunction, str]:
     """The loss the recipe calls as `loss(model, inputs, loss_tokens)` for this model and `training:` section, and
     a line for the log saying which. Built after the backend has wrapped the model: its hooks on the head (a
-    sharded weight gathered for the forward) must run before the chunked loss's."""
+    sharded weight gathered for the forward) must run before the chunked loss's. `chunks_allowed`: the backend
+    lets a hook hand the head an empty batch."""
     if not training.head_on_labels_only or method in PROMPT_METHODS:  # prompt methods change the sequence in peft
         return model_loss, "the model's own, the head at every position"
     if not supports_labelled_head(model):
         return model_loss, f"the model's own, the head at every position ({type(causal_lm(model)).__name__} takes no mask of positions)"
-    head = chunkable_head(model)
+    head = chunkable_head(model) if chunks_allowed else None
     if head is None or (training.loss_chunk_size is None and fused is None):
         return loss_on_labelled_positions, "the head at labelled positions only, in one piece"
     chunk = training.loss_chunk_size or 2**62
