@@ -10,7 +10,7 @@ Each system runs in its own process, so its peak RSS is its own (os.wait4). Real
 loss tokens are the assistant tokens the loss is taken on. Data: bench/synthetic_chat.py (1-5 turns, log-normal
 lengths). CPU and fp32 by default; on a CUDA machine every system trains in bf16 (the recipe's `auto` picks it),
 each line adds the peak CUDA memory, and ftscale's its memory estimate (ftscale.model.memory_estimate). TRL is
-optional (`pip install trl`); without it its line says so. Needs the imported model (`make model`) or `--model`
+optional (`pip install -e '.[bench]'`); without it its line says so. Needs the imported model (`make model`) or `--model`
 (bench/random_model.py makes one of any shape)."""
 
 from __future__ import annotations

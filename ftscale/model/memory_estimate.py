@@ -60,10 +60,12 @@ class ModelShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        # GPT-2 style configs name no intermediate size (n_inner: None means 4 x hidden).
+        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
         return cls(
             config.hidden_size,
             config.num_hidden_layers,
-            config.intermediate_size,
+            intermediate,
             config.vocab_size,
             kv,
             bool(getattr(config, "tie_word_embeddings", False)),
