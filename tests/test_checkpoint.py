@@ -390,8 +390,10 @@ def test_a_checkpoint_written_before_the_redesign_resumes_exactly(tmp_path):
         Path("tiny-llama"),
         data,
         Path("out"),
-        # The fixture's data order came from in-order greedy packing, which data.packer=greedy keeps.
+        # The fixture's data order came from in-order greedy packing, which data.packer=greedy keeps; its loss was
+        # computed unchunked (chunks sum in another order: the same loss, not the same bits).
         **{"checkpoint.every_steps": 3, "method.lora.dropout": 0.1, "checkpoint.keep_last": 5, "data.packer": "greedy"},
+        **{"training.loss_chunk_size": "null"},
     )
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/sft.py"), *overrides],

@@ -33,6 +33,11 @@ def is_first_process(env=os.environ) -> bool:
     return env.get("RANK", "0") == "0"
 
 
+def processes_on_this_node(env=os.environ) -> int:
+    """Processes the launcher started on this machine (LOCAL_WORLD_SIZE; 1 when not launched)."""
+    return int(env.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def launched_processes(env=os.environ) -> int:
     """Processes launched (WORLD_SIZE). Read once the Accelerator exists: accelerate fills it in from MPI's variables."""
     return int(env.get("WORLD_SIZE", "1"))

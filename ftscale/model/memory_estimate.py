@@ -10,11 +10,11 @@ less, so `auto` errs towards checkpointing."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftscale.config import FtscaleConfig
+from ftscale.distributed.launch import processes_on_this_node
 from ftscale.errors import first_line
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -140,7 +140,7 @@ def process_memory_bytes(cuda: bool) -> int:
 
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
-    return total // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return total // processes_on_this_node()
 
 
 def needs_checkpointing(shape: ModelShape, cfg: FtscaleConfig, memory: int) -> tuple[bool, MemoryEstimate]:

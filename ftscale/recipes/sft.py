@@ -36,7 +36,7 @@ from ftscale.observability.flops import device_peak_flops, model_flops
 from ftscale.observability.logger import MetricLogger
 from ftscale.observability.run_info import run_info
 from ftscale.observability.step_metrics import LocalStep, MetricsWindow, Stopwatch, reduce_step
-from ftscale.training.loss import model_loss, training_loss
+from ftscale.training.loss import loss_on_labelled_positions, model_loss, training_loss
 from ftscale.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("ftscale")
@@ -142,6 +142,8 @@ class SFTRecipe:
         model = self.accelerator.unwrap_model(self.model)
         self.loss, how = training_loss(model, self.cfg.training, self.cfg.method.name, self.fused_loss, self.backend.allows_empty_head)
         log.info("loss: %s", how)
+        # Evaluation (no gradient, so no logits kept) needs no chunks, nor a hook on this very model's head.
+        self.eval_loss = model_loss if self.loss is model_loss else loss_on_labelled_positions
         self.flops = model_flops(model, model.config, self.trainable, head_on_labels_only=self.loss is not model_loss)
 
     def _setup_checkpoints(self) -> None:
@@ -311,7 +313,7 @@ class SFTRecipe:
         loss_sum = count_sum = 0.0
         for i in range(n_batches):
             rows = [self.eval_rows[r] for r in shard[i * mb : (i + 1) * mb]]
-            loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device, self.loss)
+            loss, count = summed_loss(self.model, rows or [self.eval_rows[0]], self._collate, acc.device, self.eval_loss)
             if rows:
                 loss_sum, count_sum = loss_sum + loss, count_sum + count
         matches = answered = 0
