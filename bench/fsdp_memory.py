@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from one_step_launch import one_step_command  # noqa: E402  (a bench module beside this one)
+
 SMOLLM2 = ".cache/ftscale/models/SmolLM2-135M-Instruct"  # its tokenizer; `ftscale import-gguf` writes it
 GB = 1e9
 # Installed in the ranks only (RANK is set): the first process of a rank to start claims its marks file (a process
@@ -126,33 +129,21 @@ def run(tmp: Path, args, model_dir: Path) -> tuple[list[tuple[float, int, int]],
     inject.mkdir()
     marks_dir.mkdir()
     (inject / "sitecustomize.py").write_text(MARKS)
-    data = tmp / "train.jsonl"
-    data.write_text("".join((REPO / "data/demo/train.jsonl").read_text().splitlines(keepends=True)[:8]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(args.repo / "configs/accelerate/fsdp2.yaml"),
-        "--num_processes",
-        "2",
+    repo = args.repo
+    cmd = one_step_command(
+        repo,
+        repo / "configs/accelerate/fsdp2.yaml",
+        repo / "configs/smollm2-135m/lora.yaml",
+        tmp,
+        tmp / "run",
         "--main_process_port",
         str(free_port()),
-        str(args.repo / "launch/sft.py"),
-        "--config",
-        str(args.repo / "configs/smollm2-135m/lora.yaml"),
+    )
+    cmd += [
         f"model.path={model_dir}",
         "model.dtype=float32",
-        f"data.train=[{{path: {data}}}]",
-        "data.eval=[]",
         f"data.max_seq_len={args.seq_len}",
         f"data.cache_dir={tmp / 'stores'}",
-        f"training.output_dir={tmp / 'run'}",
-        "training.max_steps=1",
-        "training.micro_batch_size=1",
-        "training.gradient_accumulation_steps=1",
-        "checkpoint.save_final_adapter=false",
-        "logging.console=false",
         "logging.peak_flops=1e11",  # spares the start-up matmul measurement
         *args.set,
     ]

@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from one_step_launch import one_step_command  # noqa: E402  (a bench module beside this one)
+
 PEAK = (
     "import atexit, os, resource, sys\n"
     'atexit.register(lambda: print(f\'PEAK_RSS rank={os.environ.get("RANK")} '
@@ -35,29 +38,8 @@ def run(tmp: Path, backend: str, method: str, efficient: bool) -> dict[int, floa
     text = (REPO / f"configs/accelerate/{backend}.yaml").read_text()
     config = tmp / f"{backend}-{efficient}.yaml"
     config.write_text(text if efficient else text.replace(on, off))
-    data = tmp / "train.jsonl"
-    data.write_text("".join((REPO / "data/demo/train.jsonl").read_text().splitlines(keepends=True)[:8]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config),
-        "--num_processes",
-        "2",
-        str(REPO / "launch/sft.py"),
-        "--config",
-        str(REPO / f"configs/smollm2-135m/{method}.yaml"),
-        f"data.train=[{{path: {data}}}]",
-        "data.eval=[]",
-        f"training.output_dir={tmp}/{backend}-{method}-{efficient}",
-        "training.max_steps=1",
-        "training.micro_batch_size=1",
-        "training.gradient_accumulation_steps=1",
-        "data.max_seq_len=128",
-        "logging.console=false",
-        "checkpoint.save_final_adapter=false",
-    ]
+    recipe = REPO / f"configs/smollm2-135m/{method}.yaml"
+    cmd = [*one_step_command(REPO, config, recipe, tmp, tmp / f"{backend}-{method}-{efficient}"), "data.max_seq_len=128"]
     env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{REPO}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
     if proc.returncode != 0:

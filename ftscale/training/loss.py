@@ -80,16 +80,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             weight = weight.to(torch.get_autocast_dtype(device))
             bias = None if bias is None else bias.to(weight.dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if hidden.requires_grad else None  # none under no_grad (evaluation)
+        grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = F.linear(h, weight, bias).float()
             logsumexp = logits.logsumexp(-1)
             total += (logsumexp - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad is not None:
-                probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the chunk's logits become its softmax
-                probs[torch.arange(len(t), device=t.device), t] -= 1
-                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the chunk's logits become its softmax
+            probs[torch.arange(len(t), device=t.device), t] -= 1
+            grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         return total
 
