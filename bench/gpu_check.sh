@@ -2,9 +2,9 @@
 # The CUDA checks of issue 14 on one GPU: bf16 LoRA and QLoRA on a SmolLM2-135M-shaped and a ~1B Llama-shaped
 # model (random weights: the speed is the same), ftscale against TRL's SFTTrainer with the seed notebook's settings
 # (and a plain peft loop on the small model), Liger kernels on and off, peak CUDA memory against ftscale's
-# estimate. One JSON line per run in $OUT/gpu_check.jsonl, then the checks: ftscale at least 1.5x TRL's real
-# tokens/s, QLoRA's training peak within 20% of the estimate. Exits non-zero when a run failed or a check did not
-# hold. Each run is capped at RUN_TIMEOUT seconds (the whole at about 5x that); not yet run on a GPU.
+# estimate, activation offloading on and off. One JSON line per run in $OUT/gpu_check.jsonl, then the checks:
+# ftscale at least 1.5x TRL's real tokens/s, QLoRA's training peak within 20% of the estimate, offloading lowering
+# the peak and leaving the losses as they were. Exits non-zero when a run failed or a check did not hold. Each run is capped at RUN_TIMEOUT seconds (the whole at about 5x that); not yet run on a GPU.
 #
 #   bash bench/gpu_check.sh   # env: STEPS=40 CONVERSATIONS=400 TOKENIZER=<model folder with a tokenizer> RUN_TIMEOUT=240 OUT=...
 #
@@ -74,6 +74,9 @@ run smollm2-135m qlora ftscale,trl
 run llama-1b lora ftscale,trl
 run llama-1b lora ftscale model.liger_kernels=false
 run llama-1b qlora ftscale,trl
+if $PY -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then  # refused on CPU: nothing to offload from
+    run llama-1b lora ftscale training.activation_offloading=true training.gradient_checkpointing=false
+fi
 
 $PY - "$LOG" <<'PY' | tee -a "$LOG"
 import json, sys
@@ -89,6 +92,20 @@ for r in runs:
     if r["system"] == "ftscale" and r["method"] == "qlora" and r.get("train_peak_cuda_gb"):
         ratio = r["train_peak_cuda_gb"] / r["memory_estimate_gb"]["total"]
         checks.append({"check": f"{r['model']} qlora: training peak / estimate within 20%", "value": round(ratio, 3), "ok": 0.8 <= ratio <= 1.2})
+# The comparison needs the run without offloading to have kept its activations too (auto chose no checkpointing).
+plain = {
+    r["model"]: r
+    for r in runs
+    if r["system"] == "ftscale" and r["method"] == "lora" and not r.get("settings") and "error" not in r
+    and any(c.startswith("training.gradient_checkpointing=false") for c in r.get("auto", []))
+}
+for r in runs:
+    if "training.activation_offloading=true" in r.get("settings", []) and r["model"] in plain and "error" not in r:
+        base = plain[r["model"]]
+        lower = r["train_peak_cuda_gb"] < base["train_peak_cuda_gb"]
+        same = abs(r["final_train_loss"] - base["final_train_loss"]) <= 1e-3 * abs(base["final_train_loss"])
+        checks.append({"check": f"{r['model']} lora: offloading lowers the training peak", "value": [r["train_peak_cuda_gb"], base["train_peak_cuda_gb"]], "ok": lower})
+        checks.append({"check": f"{r['model']} lora: offloading leaves the final loss", "value": [r["final_train_loss"], base["final_train_loss"]], "ok": same})
 print(json.dumps({"bench": "gpu_check", "runs": len(runs), "failed": failed, "checks": checks}))
 sys.exit(1 if failed or not runs or not all(c["ok"] for c in checks) else 0)
 PY

@@ -85,8 +85,9 @@ def run_ftscale(tmp: Path, args) -> dict:
 
     out = tmp / "ftscale"
     cfg = ftscale_config(tmp, args)
-    resolved, chosen = resolve_auto(cfg, DeviceCapabilities.detect())
-    estimate = estimate_training_memory(ModelShape.read(args.model), resolved, resolved.training.gradient_checkpointing)
+    device = DeviceCapabilities.detect()
+    resolved, chosen = resolve_auto(cfg, device)
+    estimate = estimate_training_memory(ModelShape.read(args.model), resolved, resolved.training.gradient_checkpointing, device.cuda)
     summary = recipe_main(cfg)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "time/train_s" in r]

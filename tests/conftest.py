@@ -127,6 +127,9 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, **extra) -
         "model.dtype": "float32",  # as on this CPU, whatever the machine: the tests compare fp32 numbers
         "training.precision": "fp32",
         "logging.peak_flops": 1e11,  # spares every tiny run the start-up matmul measurement (tests/test_observability.py measures it)
+        # glibc's settings are process-wide: in-process runs would leave them on for every later test in pytest's
+        # process (tests/test_checkpoint.py's subprocess runs, and a probe in tests/test_performance.py, cover it).
+        "training.reuse_host_memory": False,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -1,7 +1,9 @@
-"""Performance settings that must not change what is learnt: the output head only at labelled positions, and
-`auto` dtypes, precision and attention kernel chosen from the device."""
+"""Performance settings that must not change what is learnt: the output head only at labelled positions, dropout
+masks drawn in bulk on CPU, and `auto` dtypes, precision and attention kernel chosen from the device."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -11,9 +13,12 @@ from ftscale.config import ConfigError, load_config
 from ftscale.data.packing import collate, packed_row
 from ftscale.methods import attach_adapter
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
+from ftscale.model.kernels import FastCPUDropout, use_fast_cpu_dropout
 from ftscale.model.loading import causal_lm
 from ftscale.model.memory_estimate import ModelShape, estimate_training_memory
 from ftscale.recipes.sft import SFTRecipe
+from ftscale.training import activation_offload
+from ftscale.training.activation_offload import ActivationOffload, Offloaded
 from ftscale.training.loss import ChunkedHeadLoss, chunkable_head, loss_on_labelled_positions, supports_labelled_head, training_loss
 
 from conftest import build_tiny_model, tiny_overrides
@@ -165,10 +170,12 @@ def test_auto_checkpoints_gradients_when_the_estimate_passes_the_memory_a_proces
 
 
 @pytest.mark.parametrize(
-    "method, dropout, precision", [("lora", 0.0, "fp32"), ("lora", 0.1, "fp32"), ("lora", 0.0, "bf16"), ("dora", 0.0, "fp32")]
+    "method, dropout, precision",
+    [("lora", 0.0, "fp32"), ("lora", 0.1, "fp32"), ("lora", "0.1 fast", "fp32"), ("lora", 0.0, "bf16"), ("dora", 0.0, "fp32")],
 )
 def test_the_activation_estimate_is_close_to_what_backward_keeps(method, dropout, precision, tiny_tokenizer):
-    """Counted with torch's saved-tensor hooks (each storage once) on a Llama-shaped model, fp32 or bf16 weights."""
+    """Counted with torch's saved-tensor hooks (each storage once) on a Llama-shaped model, fp32 or bf16 weights;
+    dropout as torch draws it and as FastCPUDropout does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -182,7 +189,8 @@ def test_the_activation_estimate_is_close_to_what_backward_keeps(method, dropout
     torch.manual_seed(0)
     cfg = load_config(
         None,
-        [f"method.name={method}", f"method.lora.dropout={dropout}", "training.micro_batch_size=2", "data.max_seq_len=96"]
+        [f"method.name={method}", f"method.lora.dropout={str(dropout).split()[0]}", "training.micro_batch_size=2", "data.max_seq_len=96"]
+        + [f"training.fast_cpu_dropout={str(dropout).endswith('fast')}"]
         + [
             "training.loss_chunk_size=null",
             f"training.precision={precision}",
@@ -191,6 +199,8 @@ def test_the_activation_estimate_is_close_to_what_backward_keeps(method, dropout
     )
     cfg, _ = resolve_auto(cfg, DeviceCapabilities(False, False, False, memory=2**40), ModelShape.of(config))
     model = attach_adapter(LlamaForCausalLM(config).to(getattr(torch, cfg.model.dtype)).train(), cfg)
+    if str(dropout).endswith("fast"):
+        assert use_fast_cpu_dropout(model) == 7 * config.num_hidden_layers
     storages = {}
 
     def keep(t):
@@ -220,3 +230,207 @@ def test_the_recipe_resolves_auto_for_this_machine_and_shipped_configs_say_auto(
     for path in sorted((REPO / "configs/smollm2-135m").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.model.dtype == "auto" and cfg.training.precision == "auto", path
+
+
+def dropout_mask(p: float, shape=(1000, 1000)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output of FastCPUDropout(p) on ones in training mode, the input's gradient through it)."""
+    x = torch.ones(shape, requires_grad=True)
+    out = FastCPUDropout(p).train()(x)
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_fast_cpu_dropout_drops_each_element_independently_with_probability_p(p):
+    torch.manual_seed(0)
+    out, grad = dropout_mask(p)
+    kept = out != 0
+    scale = 1 / (1 - round(p * 65536) / 65536)
+    assert torch.equal(out[kept], torch.full_like(out[kept], scale))  # survivors scaled so the expectation is x
+    assert torch.equal(grad, out)  # the gradient goes through the same mask and scale
+    tolerance = 5 * (p * (1 - p) / (out.numel() / 4)) ** 0.5  # five sigma on a quarter of the elements
+    dropped = ~kept.flatten()
+    for lane in range(4):  # each 16-bit lane of a 64-bit draw
+        assert abs(dropped[lane::4].float().mean().item() - p) < tolerance, lane
+    both = (dropped[:-1] & dropped[1:]).float().mean().item()  # neighbours, within a draw or across draws
+    assert abs(both - p * p) < 5 * (p * p / out.numel()) ** 0.5
+    assert abs(out.mean().item() - 1) < 0.01
+
+
+def test_fast_cpu_dropout_follows_the_seed_and_is_inert_outside_training():
+    torch.manual_seed(1)
+    first, _ = dropout_mask(0.1, (64, 32))
+    second, _ = dropout_mask(0.1, (64, 32))
+    torch.manual_seed(1)
+    again, _ = dropout_mask(0.1, (64, 32))
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    x = torch.randn(8, 8)
+    assert torch.equal(FastCPUDropout(0.5).eval()(x), x)
+    assert torch.equal(FastCPUDropout(0.0).train()(x), x)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = FastCPUDropout(0.5).train()(x.to(dtype))
+        assert half.dtype == dtype and set(half.unique().tolist()) <= {0.0} | set((x.to(dtype) * 2).flatten().tolist())
+    transposed = FastCPUDropout(0.5).train()(x.t())
+    assert torch.equal(transposed[transposed != 0], (2 * x.t())[transposed != 0])
+    # p that 2^-16 steps cannot hold within 1% (1e-5 would become 1.5e-5): torch's own dropout, the same draws
+    for p in (1e-5, 1 - 1e-6):
+        torch.manual_seed(2)
+        ours = FastCPUDropout(p).train()(x)
+        torch.manual_seed(2)
+        assert torch.equal(ours, torch.nn.Dropout(p).train()(x))
+
+
+def test_fast_cpu_dropout_leaves_compiled_graphs_whole():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), FastCPUDropout(0.1), torch.nn.Linear(8, 8)).train()
+    assert torch._dynamo.explain(model)(torch.randn(4, 8)).graph_break_count == 0
+
+
+def test_the_recipe_draws_dropout_in_bulk_on_cpu_unless_told_not_to(tiny_model_dir, tiny_data, tmp_path):
+    for fast, kind in ((True, FastCPUDropout), (False, torch.nn.Dropout)):
+        settings = {"method.lora.dropout": 0.1, "training.fast_cpu_dropout": fast}
+        recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / str(fast), **settings)))
+        recipe.setup()
+        assert {type(m) for m in recipe.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0} == {kind}
+        recipe.cleanup()
+
+
+def test_activation_offloading_moves_every_saved_activation_but_no_weight_and_changes_nothing(tiny_tokenizer):
+    model = attach_adapter(build_tiny_model(len(tiny_tokenizer)), load_config(None, ["method.name=dora"]))
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 40))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    moved, kept = [], []
+
+    class Recorded(ActivationOffload):
+        def _pack(self, tensor):
+            packed = super()._pack(tensor)
+            (moved if isinstance(packed, Offloaded) else kept).append(tensor)
+            return packed
+
+    def loss_and_grads(context):
+        model.zero_grad()
+        with context:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in trainable]
+
+    reference = loss_and_grads(contextlib.nullcontext())
+    offload = Recorded(smallest=0)
+    assert all(torch.equal(a, b) for a, b in zip(reference, loss_and_grads(offload), strict=True))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert moved and not any(t.untyped_storage().data_ptr() in weights for t in moved)
+    assert kept and all(t.untyped_storage().data_ptr() in weights or t.numel() == 0 for t in kept)  # the weights only
+    small = ActivationOffload()  # the default leaves spans under 1 MiB alone: all of this tiny model's
+    loss_and_grads(small)
+    assert small.offloaded_bytes == 0
+
+
+def test_activation_offloading_moves_what_a_tensor_spans_once_and_rebuilds_its_strides():
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    row = torch.randn(1, 1000)
+    x = torch.randn(5, 64, requires_grad=True)
+
+    def loss():
+        y = x @ weight  # saves x and a view of the weight
+        shared = y * 3
+        twice = (shared * weight[0]).sum() + (shared * weight[1]).sum()
+        inner = (shared[1:, 3:] ** 2).sum()  # a view that starts inside its storage
+        return (x.sum(1, keepdim=True) * row.expand(5, 1000)).sum() + twice + (shared.t()[::2] ** 2).sum() + inner
+
+    loss().backward()
+    expected, x.grad = x.grad.clone(), None
+    offload = ActivationOffload(smallest=0)
+    with offload:
+        value = loss()
+    value.backward()
+    assert torch.equal(x.grad, expected)
+    # x (5 x 64) saved by the matmul; row's 1000 floats under its expanded view (not 5 x 1000); `shared` once
+    # although two ops save it; its transposed every-other-row view from its first element to its last (31 x 2 +
+    # 4 x 64 + 1 floats); its [1:, 3:] view from element 67 to the last (5 x 64 - 67); no byte of the weight.
+    assert offload.offloaded_bytes == 4 * (5 * 64 + 1000 + 5 * 64 + 31 * 2 + 4 * 64 + 1 + 5 * 64 - 67)
+    # A slice of a much larger buffer moves its own elements, not the buffer's span between them.
+    buffer = torch.randn(64, 300, requires_grad=True)
+    sliced = ActivationOffload(smallest=0)
+    with sliced:
+        columns = buffer[:, :10] * 1
+        value = (columns**2).sum()
+    value.backward()
+    assert sliced.offloaded_bytes == 4 * 64 * 10
+    assert torch.equal(buffer.grad[:, :10], 2 * buffer.detach()[:, :10]) and not buffer.grad[:, 10:].any()
+
+
+def test_the_recipe_offloads_every_micro_batch_and_learns_the_same(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    contexts = []
+
+    class Recorded(ActivationOffload):
+        def __init__(self):
+            super().__init__(smallest=0)
+            contexts.append(self)
+
+    monkeypatch.setattr(activation_offload, "ActivationOffload", Recorded)
+    losses = []
+    for offload in (False, True):
+        settings = {"training.max_steps": 3, "training.gradient_accumulation_steps": 2}
+        recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / str(offload), **settings)))
+        recipe.cfg.training.activation_offloading = offload  # after the CUDA check, which this CPU fails
+        recipe.setup()
+        recipe.train()
+        recipe.cleanup()
+        losses.append([h["train/loss"] for h in recipe.history if "train/loss" in h])
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    assert len(contexts) == 3 * 2 and all(c.offloaded_bytes > 0 for c in contexts)
+
+
+def test_activation_offloading_needs_cuda_and_spares_the_estimate_all_layers_but_one():
+    with pytest.raises(ConfigError, match="training.activation_offloading"):
+        resolve_auto(load_config(None, ["training.activation_offloading=true"]), DeviceCapabilities(False, False, False), SHAPE)
+    # fp32 weights under bf16 autocast: each frozen weight's cast copy would be offloaded as if it were an activation
+    fp32_weights = ["training.activation_offloading=true", "model.dtype=float32", "training.precision=bf16"]
+    with pytest.raises(ConfigError, match="model.dtype=float32 under training.precision=bf16"):
+        resolve_auto(load_config(None, fp32_weights), DeviceCapabilities(True, True, False, memory=2**40), SHAPE)
+    settings = ["training.micro_batch_size=8", "data.max_seq_len=2048", "model.dtype=bfloat16", "training.precision=bf16"]
+    kept = estimate_training_memory(SHAPE, load_config(None, settings), checkpointing=False)
+    offloaded = estimate_training_memory(SHAPE, load_config(None, [*settings, "training.activation_offloading=true"]), checkpointing=False)
+    assert offloaded.activations * SHAPE.layers == kept.activations
+    # A GPU that cannot hold the activations: auto checkpoints them, unless they are offloaded.
+    gpu = DeviceCapabilities(True, True, False, memory=int(kept.total * 0.8))
+    cfg = ["model.dtype=auto", "training.precision=auto", "training.gradient_checkpointing=auto", *settings[:2]]
+    assert resolve_auto(load_config(None, cfg), gpu, SHAPE)[0].training.gradient_checkpointing is True
+    offload = resolve_auto(load_config(None, [*cfg, "training.activation_offloading=true"]), gpu, SHAPE)[0]
+    assert offload.training.gradient_checkpointing is False
+
+
+REUSE_PROBE = """
+import resource, sys, torch
+from ftscale.distributed.launch import read_launch_settings
+from ftscale.training.host_memory import reuse_freed_host_memory
+done = reuse_freed_host_memory(read_launch_settings().allocator) if sys.argv[1] == "reuse" else "default"
+def step():
+    for _ in range(10):
+        torch.ones(2**24).sum()  # 64 MiB allocated, written and freed, as a step's activations are
+step()  # the first step grows the heap either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, done)
+"""
+
+
+def test_reusing_host_memory_stops_page_faulting_each_big_tensor_in_afresh():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+
+    def faults(mode: str, **extra: str) -> tuple[int, str]:
+        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], env={**env, **extra}, capture_output=True, text=True, check=True)
+        count, done = out.stdout.split(" ", 1)
+        return int(count), done.strip()
+
+    default, _ = faults("default")
+    reused, done = faults("reuse")
+    # glibc maps each 64 MiB tensor afresh, so its pages fault every time; the heap keeps them (whatever the page size)
+    assert reused < default / 10, (reused, default, done)
+    assert "keeps freed memory" in done
+    # The user's own allocator settings win: nothing changes, and the log says why.
+    faulted, done = faults("reuse", MALLOC_MMAP_THRESHOLD_="131072")
+    assert faulted > default / 2 and "MALLOC_MMAP_THRESHOLD_" in done

@@ -47,6 +47,7 @@ def test_few_steps_of_lora_then_merge(smollm2, tmp_path):
             "training.gradient_accumulation_steps=1",
             "data.max_seq_len=256",
             "logging.console=false",
+            "training.reuse_host_memory=false",  # in pytest's process: see conftest.tiny_overrides
         ],
     )
     summary = recipe_main(cfg)
@@ -79,6 +80,7 @@ def test_checkpoint_is_adapter_plus_optimizer_state_only(smollm2, tmp_path, caps
             "method.lora.r=6",
             "data.max_seq_len=128",
             "logging.console=false",
+            "training.reuse_host_memory=false",  # in pytest's process: see conftest.tiny_overrides
         ],
     )
     recipe_main(cfg)

@@ -97,8 +97,14 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def _pydantic_step(part) -> bool:
+    """A step pydantic adds to an error's location (a validator, one choice of a union), not a config key."""
+    return isinstance(part, str) and part.startswith(("function-after[", "literal["))
+
+
 def _describe(err: dict, source: str, lines: dict[str, int], overridden: set[str]) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal"))))
+    raw, unknown = err["loc"], err["type"] == "extra_forbidden"  # an unknown key ends the location, whatever it reads
+    loc = tuple(p for i, p in enumerate(raw) if (unknown and i == len(raw) - 1) or not _pydantic_step(p))
     key = ".".join(str(p) for p in loc)
     from_override = any(key == o or key.startswith(o + ".") for o in overridden)
     where = "command-line override" if from_override else (f"{source}:{lines[key]}" if key in lines else source)

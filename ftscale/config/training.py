@@ -47,6 +47,17 @@ class TrainingConfig(Section):
     compile: bool = Field(
         False, description="torch.compile each decoder layer; the first steps pay the compile time (measured in bench/RESULTS.md)."
     )
+    activation_offloading: bool = Field(
+        False,
+        description="Keep what forward saves for backward in host memory, not the GPU's (CUDA only; slower: for activations too big).",
+    )
+    fast_cpu_dropout: bool = Field(
+        True, description="On CPU, draw dropout masks four at a time (faster; other masks than torch's); false: torch's nn.Dropout."
+    )
+    reuse_host_memory: bool = Field(
+        True,
+        description="One process on CPU: glibc keeps freed memory for the next step, not page-faulting it in afresh (about 5% faster).",
+    )
     log_every: int = Field(1, gt=0, description="Optimizer steps between console/W&B log lines.")
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between held-out evaluations (null: only at start and end).")
     eval_generate_examples: int = Field(

@@ -26,6 +26,9 @@ class LaunchSettings:
     backend: BackendName
     fsdp: FSDPSettings | None  # set when backend == "fsdp2"
     deepspeed_offload: frozenset[str]  # devices DeepSpeed offloads state to ("cpu", "nvme"); empty: none
+    # The process's own memory allocator settings ("LD_PRELOAD=...", MALLOC_* variables, GLIBC_TUNABLES' malloc
+    # entries), which ftscale's own tuning leaves alone (ftscale/training/host_memory.py); empty: glibc's defaults.
+    allocator: tuple[str, ...] = ()
 
 
 def is_first_process(env=os.environ) -> bool:
@@ -64,4 +67,14 @@ def read_launch_settings(env=os.environ) -> LaunchSettings:
         backend="fsdp2" if fsdp else "deepspeed" if deepspeed else "ddp",
         fsdp=fsdp,
         deepspeed_offload=frozenset(offload & {"cpu", "nvme"}) if deepspeed else frozenset(),
+        allocator=allocator_settings(env),
     )
+
+
+def allocator_settings(env=os.environ) -> tuple[str, ...]:
+    preloaded = env.get("LD_PRELOAD", "")
+    found = [f"LD_PRELOAD={preloaded}"] if any(name in preloaded for name in ("jemalloc", "tcmalloc", "mimalloc")) else []
+    found += sorted(k for k in env if k.startswith("MALLOC_"))
+    if "glibc.malloc" in env.get("GLIBC_TUNABLES", ""):
+        found.append("GLIBC_TUNABLES")
+    return tuple(found)

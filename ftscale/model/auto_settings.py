@@ -66,13 +66,25 @@ def resolve_auto(cfg: FtscaleConfig, device: DeviceCapabilities, shape: ModelSha
         raise ConfigError(
             "model.liger_kernels=true needs a CUDA device and liger-kernel installed (pip install 'ftscale[cuda]'); set it to auto or false"
         )
+    if cfg.training.activation_offloading and not device.cuda:
+        raise ConfigError(
+            "training.activation_offloading=true moves activations from GPU memory to the host, and this machine has no "
+            "CUDA device: set it to false"
+        )
+    autocast = data["training"]["precision"] in ("bf16", "fp16")
+    if cfg.training.activation_offloading and autocast and model_dtype == "float32" and not qlora:
+        raise ConfigError(
+            f"training.activation_offloading=true with model.dtype=float32 under training.precision="
+            f"{data['training']['precision']}: autocast casts each frozen weight afresh, and offloading would move "
+            "every copy to the host and back; set model.dtype=auto or bfloat16"
+        )
     # Decided from the memory estimate of the resolved config, so it is chosen last.
     checkpointing = data["training"]["gradient_checkpointing"] == "auto"
     if checkpointing:
         data["training"]["gradient_checkpointing"] = False
     resolved = _validated(data, chosen)
     if checkpointing and cfg.method.name not in PROMPT_METHODS:  # peft cannot checkpoint prompt methods
-        needed, estimate = needs_checkpointing(shape or ModelShape.read(cfg.model.path), resolved, device.memory)
+        needed, estimate = needs_checkpointing(shape or ModelShape.read(cfg.model.path), resolved, device.memory, device.cuda)
         data["training"]["gradient_checkpointing"] = needed
         chosen.append(f"training.gradient_checkpointing={str(needed).lower()} (estimate {estimate.total / 1e9:.2f} GB)")
         resolved = _validated(data, chosen)

@@ -2,7 +2,7 @@
 `training.gradient_checkpointing: auto`, and bench/gpu_check.sh compares it with what CUDA measured.
 
 The activation term counts the tensors a Llama-style decoder layer keeps for backward, per token; it is checked
-against torch's saved-tensor hooks for LoRA (fp32, dropout, bf16 autocast) and DoRA (tests/test_performance.py).
+against torch's saved-tensor hooks for LoRA (fp32, both dropouts, bf16 autocast) and DoRA (tests/test_performance.py).
 QLoRA's 4-bit layers are not in that test (bitsandbytes' CPU path differs from CUDA's): bench/gpu_check.sh
 compares its training peak on a GPU. Attention is taken as sdpa or flash-attention
 (memory linear in the sequence). It is an estimate for one process holding the whole base: sharding backends need
@@ -97,8 +97,8 @@ class MemoryEstimate:
         return self.base + self.adapter + self.activations + self.logits
 
 
-def estimate_training_memory(shape: ModelShape, cfg: FtscaleConfig, checkpointing: bool) -> MemoryEstimate:
-    """For a config whose `auto` values are resolved."""
+def estimate_training_memory(shape: ModelShape, cfg: FtscaleConfig, checkpointing: bool, cuda: bool = False) -> MemoryEstimate:
+    """For a config whose `auto` values are resolved, on a CUDA device or a CPU."""
     t, method = cfg.training, cfg.method
     tokens = t.micro_batch_size * cfg.data.max_seq_len
     act = BYTES["bfloat16"] if t.precision in ("bf16", "fp16") else BYTES[cfg.model.dtype]
@@ -118,15 +118,20 @@ def estimate_training_memory(shape: ModelShape, cfg: FtscaleConfig, checkpointin
     # Kept per token by one layer (elements): each RMSNorm's input and output, the rotated q and k, v, the attention
     # output and its contiguous copy for o_proj; the MLP's gate, up, activation and product. Frozen projections keep
     # no input (their gradient needs only the weight); LoRA's A shares its layer's input. Half-precision runs keep
-    # the norms' inputs in fp32 too. LoRA dropout keeps each projection's dropped input and its mask.
+    # the norms' inputs in fp32 too. LoRA dropout keeps each projection's mask (bools on CUDA and from FastCPUDropout,
+    # the input's dtype from torch's CPU dropout) and dropped inputs where projections shared one: about 3 x hidden.
     h, kv, i = shape.hidden, shape.kv_width, shape.intermediate
     per_token = (7 * h + 2 * kv + 4 * i) * act + (2 * h * 4 if act < 4 else 0)
     if method.name in LORA_FAMILY and method.lora.dropout > 0:
-        per_token += (6 * h + i) * (act + 1)
+        mask = 1 if cuda or (t.fast_cpu_dropout and not t.compile) else act  # compiled: torch's dropout
+        per_token += 3 * h * act + (6 * h + i) * mask
     if method.name == "dora":  # each projection's base output and its rescaled copy, which the magnitude needs again
         per_token += 2 * (3 * h + 2 * kv + 2 * i) * act
     # With checkpointing each layer keeps its input, and one layer's full set exists again while it is recomputed.
-    activations = tokens * (shape.layers * h * act + per_token if checkpointing else shape.layers * per_token)
+    if t.activation_offloading:  # what the device holds: one layer's, until forward moves it to the host
+        activations = tokens * per_token
+    else:
+        activations = tokens * (shape.layers * h * act + per_token if checkpointing else shape.layers * per_token)
     positions = min(tokens, t.loss_chunk_size or tokens) if t.head_on_labels_only else tokens
     logits = 3 * positions * shape.vocab * 4  # logits, their softmax and its gradient
     return MemoryEstimate(base, adapter, activations, logits)
@@ -143,7 +148,7 @@ def process_memory_bytes(cuda: bool) -> int:
     return total // processes_on_this_node()
 
 
-def needs_checkpointing(shape: ModelShape, cfg: FtscaleConfig, memory: int) -> tuple[bool, MemoryEstimate]:
+def needs_checkpointing(shape: ModelShape, cfg: FtscaleConfig, memory: int, cuda: bool) -> tuple[bool, MemoryEstimate]:
     """Whether training without recomputation would pass HEADROOM of `memory`; and the estimate without it."""
-    estimate = estimate_training_memory(shape, cfg, checkpointing=False)
+    estimate = estimate_training_memory(shape, cfg, checkpointing=False, cuda=cuda)
     return estimate.total > HEADROOM * memory, estimate

@@ -30,12 +30,14 @@ from ftscale.evaluation.generation import count_exact_matches, prompts_and_answe
 from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
-from ftscale.model.kernels import apply_liger_kernels, compile_decoder_layers
+from ftscale.model.kernels import apply_liger_kernels, compile_decoder_layers, use_fast_cpu_dropout
 from ftscale.model.loading import load_tokenizer
 from ftscale.observability.flops import device_peak_flops, model_flops
 from ftscale.observability.logger import MetricLogger
 from ftscale.observability.run_info import run_info
 from ftscale.observability.step_metrics import LocalStep, MetricsWindow, Stopwatch, reduce_step
+from ftscale.training.activation_offload import saved_activations
+from ftscale.training.host_memory import reuse_freed_host_memory
 from ftscale.training.loss import loss_on_labelled_positions, model_loss, training_loss
 from ftscale.training.optim import build_optimizer, build_scheduler
 
@@ -80,6 +82,8 @@ class SFTRecipe:
         log.info("backend %s: %d processes, device %s", self.backend.name, acc.num_processes, acc.device)
         if self.auto_choices:
             log.info("auto settings for this device: %s", ", ".join(self.auto_choices))
+        if cfg.training.reuse_host_memory and acc.device.type == "cpu" and acc.num_processes == 1:
+            log.info("training.reuse_host_memory: %s", reuse_freed_host_memory(launch.allocator))
         set_seed(cfg.training.seed)
         self.preemption = PreemptionWatcher()
         self._setup_data()
@@ -119,6 +123,8 @@ class SFTRecipe:
         model = self.backend.load_base(len(self.tokenizer) if self.added_tokens else None)
         self.fused_loss = apply_liger_kernels(model) if cfg.model.liger_kernels else None
         model = attach_adapter(model, cfg)
+        if cfg.training.fast_cpu_dropout and self.accelerator.device.type == "cpu":
+            log.info("training.fast_cpu_dropout: %d dropout modules draw their masks in bulk", use_fast_cpu_dropout(model))
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.training.compile:
@@ -198,7 +204,8 @@ class SFTRecipe:
         on every micro-batch)."""
         acc = self.accelerator
         inputs = {n: v.to(acc.device) for n, v in batch.items()}
-        loss = self.loss(self.model, inputs, loss_tokens)
+        with saved_activations(self.cfg.training.activation_offloading):
+            loss = self.loss(self.model, inputs, loss_tokens)
         acc.backward(loss * scale)
         return loss.detach()
 
