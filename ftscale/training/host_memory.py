@@ -19,7 +19,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 KEPT_AT_TOP = 2**30  # bytes of free heap top before glibc trims it
 
 
-def reuse_freed_host_memory(own_settings: tuple[str, ...] = ()) -> str:
+def reuse_freed_host_memory(own_settings: tuple[str, ...]) -> str:
     """Tune glibc's malloc for reuse, unless the process has `own_settings` (LaunchSettings.allocator); returns what
     was done, for the log."""
     if own_settings:
