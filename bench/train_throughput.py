@@ -3,10 +3,12 @@ SFTTrainer, on the same model, data and hyperparameters (the seed notebook's: Lo
 all-linear, batch 2, accumulation 2, lr 2e-4, clip 0.3, constant schedule) for the same number of optimizer steps.
 Prints one JSON line per system, then one with the ratios.
 
-    python bench/train_throughput.py [--steps 8] [--systems ftscale,peft,trl] [--conversations 600]
+    python bench/train_throughput.py [--steps 8] [--systems ftscale,peft,trl] [--conversations 600] [--repeats 1]
                                      [--model DIR] [--method lora|qlora] [--set KEY=VALUE ...]
 
-Each system runs in its own process, so its peak RSS is its own (os.wait4). Real tokens are non-padding tokens;
+Each system runs in its own process, so its peak RSS is its own (os.wait4). With `--repeats N` the systems run N
+times in ABBA order (this shared machine's speed drifts by 10-20% over minutes) and each system's figures are over
+all its runs. Real tokens are non-padding tokens;
 loss tokens are the assistant tokens the loss is taken on. Data: bench/synthetic_chat.py (1-5 turns, log-normal
 lengths). CPU and fp32 by default; on a CUDA machine every system trains in bf16 (the recipe's `auto` picks it),
 each line adds the peak CUDA memory, and ftscale's its memory estimate (ftscale.model.memory_estimate). TRL is
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -253,19 +256,42 @@ def child(system: str, tmp: Path, args, settings: list[str]) -> dict:
     """Run one system in its own process; its result and peak RSS (KiB on Linux, from wait4)."""
     command = [sys.executable, __file__, "--run", system, "--tmp", str(tmp), "--steps", str(args.steps), "--model", str(args.model)]
     command += ["--method", args.method, *(f"--set={s}" for s in settings), *(["--same-batches"] if args.same_batches else [])]
+    result_file = tmp / f"{system}.json"
+    # A run repeated (--repeats) starts afresh: an earlier run's output folder would be resumed as finished.
+    shutil.rmtree(tmp / system, ignore_errors=True)
+    result_file.unlink(missing_ok=True)
     proc = subprocess.Popen(command, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
-    result_file = tmp / f"{system}.json"
     if os.waitstatus_to_exitcode(status) or not result_file.is_file():
         return {"system": system, "error": f"exited with {os.waitstatus_to_exitcode(status)}"}
     return {"system": system, **json.loads(result_file.read_text()), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def combined(runs: list[dict]) -> dict:
+    """One system's repeated runs as one: speeds over the total time (the runs do the same work), the highest peak
+    RSS, the rest from the last run; a failed run stands for the whole."""
+    failed = [r for r in runs if "error" in r]
+    if failed or len(runs) == 1:
+        return (failed or runs)[0]
+    out = dict(runs[-1])
+    for key in ("real_tokens_per_s", "loss_tokens_per_s"):
+        out[key] = len(runs) / sum(1 / r[key] for r in runs)
+    out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=positive, default=8)
     ap.add_argument("--systems", default="ftscale,peft,trl")
-    ap.add_argument("--conversations", type=int, default=600)
+    ap.add_argument("--conversations", type=positive, default=600)
+    ap.add_argument("--repeats", type=positive, default=1, help="run the systems this many times, in ABBA order; figures over all runs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for ftscale's run")
     ap.add_argument("--model", type=Path, default=MODEL, help="model folder (default: the imported SmolLM2-135M-Instruct)")
     ap.add_argument("--method", choices=["lora", "qlora"], default="lora")
@@ -292,13 +318,16 @@ def main() -> None:
         tmp = Path(tmp)
         write_dataset(tmp / "train.jsonl", args.conversations, seed=0)
         write_dataset(tmp / "eval.jsonl", 32, seed=1)
-        results = {}
-        for system in args.systems.split(","):
-            # With --same-batches the loop reads ftscale's data settings too, to take the same batches.
-            results[system] = child(system, tmp, args, args.set if system == "ftscale" or args.same_batches else [])
-            head = {"bench": "train_throughput", "model": args.model.name, "method": args.method, "steps": args.steps}
-            head |= {"settings": args.set, "same_batches": args.same_batches}
-            print(json.dumps({**head, **results[system]}), flush=True)
+        systems = args.systems.split(",")
+        runs = {system: [] for system in systems}
+        head = {"bench": "train_throughput", "model": args.model.name, "method": args.method, "steps": args.steps}
+        head |= {"settings": args.set, "same_batches": args.same_batches}
+        for round_ in range(args.repeats):
+            for system in systems if round_ % 2 == 0 else systems[::-1]:  # ABBA: drift over the run falls on both
+                # With --same-batches the loop reads ftscale's data settings too, to take the same batches.
+                runs[system].append(child(system, tmp, args, args.set if system == "ftscale" or args.same_batches else []))
+                print(json.dumps({**head, "round": round_, **runs[system][-1]}), flush=True)
+    results = {system: combined(results) for system, results in runs.items()}
     ratios = {}
     base = results.get("peft", {})
     for system in ("ftscale", "trl"):
@@ -309,7 +338,9 @@ def main() -> None:
     for system in ("ftscale", "peft"):
         if "real_tokens_per_s" in results.get(system, {}) and "real_tokens_per_s" in results.get("trl", {}):
             ratios[f"{system}_over_trl_tokens_per_s"] = round(results[system]["real_tokens_per_s"] / results["trl"]["real_tokens_per_s"], 3)
-    print(json.dumps({"bench": "train_throughput", "model": args.model.name, "method": args.method, "ratios": ratios}), flush=True)
+    summary = {"bench": "train_throughput", "model": args.model.name, "method": args.method, "repeats": args.repeats}
+    summary |= {"tokens_per_s": {s: r["real_tokens_per_s"] for s, r in results.items() if "real_tokens_per_s" in r}}
+    print(json.dumps({**summary, "ratios": ratios}), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,10 @@ def build_tokenizer(with_chatml_tokens: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build_tiny_model(vocab_size: int, tie: bool = True, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+def build_tiny_model(
+    vocab_size: int, tie: bool = True, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128, **config
+):
+    """A random Llama; `config`: more LlamaConfig settings (attention_bias, ...)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -65,6 +68,7 @@ def build_tiny_model(vocab_size: int, tie: bool = True, seed: int = 0, layers: i
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **config,
     )
     return LlamaForCausalLM(cfg)
 

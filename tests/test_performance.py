@@ -1,5 +1,6 @@
 """Performance settings that must not change what is learnt: the output head only at labelled positions, dropout
-masks drawn in bulk on CPU, and `auto` dtypes, precision and attention kernel chosen from the device."""
+masks drawn in bulk and LoRA's product added inside the base matmul on CPU, and `auto` dtypes, precision and
+attention kernel chosen from the device."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ftscale.config import ConfigError, load_config
 from ftscale.data.packing import collate, packed_row
 from ftscale.methods import attach_adapter
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
-from ftscale.model.kernels import FastCPUDropout, use_fast_cpu_dropout
+from ftscale.model.kernels import FastCPUDropout, FusedCPULoraLinear, use_fast_cpu_dropout, use_fused_cpu_lora
 from ftscale.model.loading import causal_lm
 from ftscale.model.memory_estimate import ModelShape, estimate_training_memory
 from ftscale.recipes.sft import SFTRecipe
@@ -285,13 +286,159 @@ def test_fast_cpu_dropout_leaves_compiled_graphs_whole():
     assert torch._dynamo.explain(model)(torch.randn(4, 8)).graph_break_count == 0
 
 
-def test_the_recipe_draws_dropout_in_bulk_on_cpu_unless_told_not_to(tiny_model_dir, tiny_data, tmp_path):
-    for fast, kind in ((True, FastCPUDropout), (False, torch.nn.Dropout)):
-        settings = {"method.lora.dropout": 0.1, "training.fast_cpu_dropout": fast}
+def test_the_recipe_draws_dropout_in_bulk_and_fuses_lora_on_cpu_unless_told_not_to(tiny_model_dir, tiny_data, tmp_path):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    for fast, dropout, linear in ((True, FastCPUDropout, LoraLinear), (False, torch.nn.Dropout, FusedCPULoraLinear)):
+        settings = {"method.lora.dropout": 0.1, "training.fast_cpu_dropout": fast, "training.fused_cpu_lora": not fast}
         recipe = SFTRecipe(load_config(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / str(fast), **settings)))
         recipe.setup()
-        assert {type(m) for m in recipe.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0} == {kind}
+        assert {type(m) for m in recipe.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0} == {dropout}
+        assert {type(m) for m in recipe.model.modules() if isinstance(m, LoraLinear)} == {linear}
         recipe.cleanup()
+
+
+def lora_model(tiny_tokenizer, settings: list[str], bias: bool = False):
+    """A tiny Llama (with biases in every projection, if asked) and its adapter, initialised so B is not zero."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_model(len(tiny_tokenizer), intermediate=96, attention_bias=bias, mlp_bias=bias)
+    cfg = load_config(None, settings)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=cfg.method.lora.dropout,
+        target_modules="all-linear",
+        use_dora=cfg.method.name == "dora",
+        init_lora_weights=False,
+    )
+    return get_peft_model(base, lora).train()
+
+
+def loss_and_grads(model, ids: torch.Tensor, seed: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks for both forwards
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(a, b) -> None:
+    assert torch.allclose(a[0], b[0], rtol=1e-5, atol=1e-6), (a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.allclose(a[1][name], b[1][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("dropout", ["0.0", "0.1 torch", "0.1 fast"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_cpu_lora_learns_what_peft_learns_with_the_same_masks(dropout, bias, tiny_tokenizer, monkeypatch):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = lora_model(tiny_tokenizer, [f"method.lora.dropout={dropout.split()[0]}"], bias)
+    if dropout.endswith("fast"):
+        use_fast_cpu_dropout(model)
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 24))
+    peft_own = loss_and_grads(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    lora_b = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > 4 and m.in_features == 4]
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in lora_b]
+    loss_and_grads(model, ids)
+    assert len(calls) == len(lora_b) == 14  # peft's forward calls every lora_B
+    for hook in hooks:
+        hook.remove()
+    assert use_fused_cpu_lora(model) == 14
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    fused_layers = []
+    plain_adapter = FusedCPULoraLinear._plain_adapter
+    monkeypatch.setattr(
+        FusedCPULoraLinear, "_plain_adapter", lambda self, x: fused_layers.append(plain_adapter(self, x)) or fused_layers[-1]
+    )
+    fused = loss_and_grads(model, ids)
+    assert fused_layers == ["default"] * 14  # every layer took the fused path
+    assert_same(fused, peft_own)
+    if dropout != "0.0":  # another seed, other masks: the fused forward does draw them
+        assert not torch.allclose(loss_and_grads(model, ids, seed=4)[0], fused[0])
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        for layer in model.modules():
+            if isinstance(layer, FusedCPULoraLinear):
+                layer.__class__ = LoraLinear
+        assert torch.allclose(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)  # in eval, as peft's
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=ids).logits, logits)  # where the adapter does count
+
+
+def test_fused_cpu_lora_leaves_what_it_cannot_fuse_to_peft(tiny_tokenizer):
+    from peft import LoraConfig
+
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 16))
+    # DoRA (a variant): peft's own forward, the same result
+    dora = lora_model(tiny_tokenizer, ["method.name=dora", "method.lora.dropout=0.1"])
+    expected = loss_and_grads(dora, ids)
+    assert use_fused_cpu_lora(dora) == 14
+    assert_same(loss_and_grads(dora, ids), expected)
+
+    model = lora_model(tiny_tokenizer, ["method.lora.dropout=0.1"])
+    use_fast_cpu_dropout(model)  # whose unscaled() the fused forward calls, not the module
+    use_fused_cpu_lora(model)
+    layer = next(m for m in model.modules() if isinstance(m, FusedCPULoraLinear))
+    x = torch.randn(2, 5, 64)
+    seen = []
+    # A hook on lora_B (where DeepSpeed ZeRO-3 gathers a partitioned weight) must run: peft's forward calls the module.
+    hook = layer.lora_B["default"].register_forward_hook(lambda m, i, o: seen.append("lora_B"))
+    layer(x)
+    hook.remove()
+    # A hook that keeps the base layer's output must see it unchanged: the in-place add is not done after it.
+    hook = layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.clone()) or seen.append(o))
+    layer.eval()(x)
+    hook.remove()
+    assert seen[0] == "lora_B" and torch.equal(seen[1], seen[2])
+    assert type(layer(x).grad_fn).__name__ == "ViewBackward0" and type(layer(x).grad_fn.next_functions[0][0]).__name__ == "AddmmBackward0"
+    # Hooks that calling the modules would run: on the dropout, or global ones (a global backward pre-hook would
+    # also make the base output a view that the in-place add may not change)
+    hook = layer.lora_dropout["default"].register_forward_hook(lambda *_: seen.append("dropout"))
+    layer.train()(x)
+    hook.remove()
+    hook = torch.nn.modules.module.register_module_full_backward_pre_hook(lambda *_: seen.append("backward"))
+    try:
+        layer(x.clone().requires_grad_()).sum().backward()
+    finally:
+        hook.remove()
+    assert seen[3:] == ["dropout"] + ["backward"] * 5  # the layer, lora_B, lora_A, the dropout and the base
+    # Two active adapters: peft's forward, with both products; a lora_B with a bias (peft's lora_bias) or a base
+    # layer of another class: peft's forward
+    model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    layer.eval()
+    with torch.no_grad():
+        parts = {}
+        for name in ("default", "second"):
+            layer.set_adapter(name)
+            parts[name] = layer(x) - layer.base_layer(x)
+        layer.set_adapter(["default", "second"])
+        assert torch.allclose(layer(x) - layer.base_layer(x), parts["default"] + parts["second"], atol=1e-6)
+        layer.set_adapter("default")
+        assert layer._plain_adapter(x) == "default"
+        layer.lora_B["default"].bias = torch.nn.Parameter(torch.ones(layer.out_features))
+        assert layer._plain_adapter(x) is None
+        layer.lora_B["default"].bias = None
+        layer.base_layer.__class__ = type("AnotherLinear", (torch.nn.Linear,), {})  # whose forward may differ
+        assert layer._plain_adapter(x) is None
+        layer.base_layer.__class__ = torch.nn.Linear
+    # Merged into the base, disabled, or under autocast: peft's forward, which adds nothing twice
+    with torch.no_grad():
+        unmerged = layer.eval()(x)
+        layer.merge()
+        assert torch.allclose(layer(x), unmerged, atol=1e-5)
+        layer.unmerge()
+        layer.enable_adapters(False)
+        assert torch.equal(layer(x), layer.base_layer(x))
+        layer.enable_adapters(True)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert layer._plain_adapter(x) == "default" and layer._plain_adapter(x.double()) is None
 
 
 def test_activation_offloading_moves_every_saved_activation_but_no_weight_and_changes_nothing(tiny_tokenizer):

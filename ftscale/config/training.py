@@ -54,6 +54,9 @@ class TrainingConfig(Section):
     fast_cpu_dropout: bool = Field(
         True, description="On CPU, draw dropout masks four at a time (faster; other masks than torch's); false: torch's nn.Dropout."
     )
+    fused_cpu_lora: bool = Field(
+        True, description="On CPU, LoRA layers add B(A(x)) into the base output inside one matmul (addmm); false: peft's own forward."
+    )
     reuse_host_memory: bool = Field(
         True,
         description="One process on CPU: glibc keeps freed memory for the next step, not page-faulting it in afresh (about 5% faster).",

@@ -30,7 +30,7 @@ from ftscale.evaluation.generation import count_exact_matches, prompts_and_answe
 from ftscale.evaluation.heldout import summed_loss
 from ftscale.methods import attach_adapter, check_saved_adapter, save_adapter, save_adapter_config
 from ftscale.model.auto_settings import DeviceCapabilities, resolve_auto
-from ftscale.model.kernels import apply_liger_kernels, compile_decoder_layers, use_fast_cpu_dropout
+from ftscale.model.kernels import apply_liger_kernels, compile_decoder_layers, use_fast_cpu_dropout, use_fused_cpu_lora
 from ftscale.model.loading import load_tokenizer
 from ftscale.observability.flops import device_peak_flops, model_flops
 from ftscale.observability.logger import MetricLogger
@@ -125,6 +125,8 @@ class SFTRecipe:
         model = attach_adapter(model, cfg)
         if cfg.training.fast_cpu_dropout and self.accelerator.device.type == "cpu":
             log.info("training.fast_cpu_dropout: %d dropout modules draw their masks in bulk", use_fast_cpu_dropout(model))
+        if cfg.training.fused_cpu_lora and self.accelerator.device.type == "cpu":
+            log.info("training.fused_cpu_lora: %d LoRA layers add their product in one matmul where they can", use_fused_cpu_lora(model))
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.training.compile:

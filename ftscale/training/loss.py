@@ -83,10 +83,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h, weight, bias).float()
-            logsumexp = logits.logsumexp(-1)
-            total += (logsumexp - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the chunk's logits become its softmax
+            log_probs = torch.log_softmax(F.linear(h, weight, bias), -1, dtype=torch.float32)  # one kernel, not five
+            total -= log_probs.gather(1, t[:, None]).sum()
+            probs = log_probs.exp_()  # in place: the chunk's log-probabilities become its softmax
             probs[torch.arange(len(t), device=t.device), t] -= 1
             grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
