@@ -123,9 +123,10 @@ class SFTRecipe:
         model = self.backend.load_base(len(self.tokenizer) if self.added_tokens else None)
         self.fused_loss = apply_liger_kernels(model) if cfg.model.liger_kernels else None
         model = attach_adapter(model, cfg)
-        if cfg.training.fast_cpu_dropout and self.accelerator.device.type == "cpu":
+        cpu = self.accelerator.device.type == "cpu"
+        if cpu and cfg.training.fast_cpu_dropout:
             log.info("training.fast_cpu_dropout: %d dropout modules draw their masks in bulk", use_fast_cpu_dropout(model))
-        if cfg.training.fused_cpu_lora and self.accelerator.device.type == "cpu":
+        if cpu and cfg.training.fused_cpu_lora:
             log.info("training.fused_cpu_lora: %d LoRA layers add their product in one matmul where they can", use_fused_cpu_lora(model))
         if cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
